@@ -1,0 +1,75 @@
+"""Checkpoint evaluation (SPEC §7): the unbiased pass@k estimator and pass@k tables over a benchmark, fed
+with (samples, correct) counts per problem by the sampling loop.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Iterable, Sequence
+
+# ---------------------------------------------------------------- pass@k (pure)
+
+
+def _as_count(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {value!r}") from None
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 − C(n−c, k) / C(n, k) (SPEC §7).
+
+    The ratio is computed as the product ∏_{i=n−c+1}^{n} (1 − k/i), which stays in [0, 1] at every step, so
+    n in the thousands is exact to ~1e-13 and no huge binomial is ever formed. If n − c < k every draw of k
+    samples contains a correct one and the result is 1.0.
+    """
+    n, c, k = _as_count("n", n), _as_count("c", c), _as_count("k", k)
+    if n < 1 or k < 1 or c < 0:
+        raise ValueError(f"pass@k needs n >= 1, k >= 1, c >= 0; got n={n}, c={c}, k={k}")
+    if k > n:
+        raise ValueError(f"pass@k with k={k} needs at least k samples, got n={n}")
+    if c > n:
+        raise ValueError(f"c={c} correct samples out of n={n}")
+    if n - c < k:
+        return 1.0
+    all_wrong_ratio = 1.0
+    for i in range(n - c + 1, n + 1):
+        all_wrong_ratio *= 1.0 - k / i
+    return 1.0 - all_wrong_ratio
+
+
+def pass_at_k_table(
+    num_samples_per_problem: Sequence[int], num_correct: Sequence[int], ks: Iterable[int]
+) -> dict[int, float]:
+    """Mean pass@k over problems for each k in `ks` (SPEC §7). Every problem needs at least max(ks) samples."""
+    if len(num_samples_per_problem) != len(num_correct):
+        raise ValueError(
+            f"{len(num_samples_per_problem)} sample counts but {len(num_correct)} correct counts"
+        )
+    if not num_samples_per_problem:
+        raise ValueError("pass@k table over zero problems")
+    table = {}
+    for k in ks:
+        total = 0.0
+        for problem, (n, c) in enumerate(zip(num_samples_per_problem, num_correct)):
+            try:
+                total += pass_at_k(n, c, k)
+            except ValueError as err:
+                raise ValueError(f"problem {problem}: {err}") from None
+        table[_as_count("k", k)] = total / len(num_samples_per_problem)
+    if not table:
+        raise ValueError("pass@k table with no ks")
+    return table
+
+
+def default_ks(n: int) -> list[int]:
+    """[1, 2, 4, ..., n]: the powers of two up to n, plus n itself when it is not a power of two."""
+    n = _as_count("n", n)
+    if n < 1:
+        raise ValueError(f"default_ks needs n >= 1, got {n}")
+    ks = [1 << p for p in range(n.bit_length())]  # the largest, 1 << (bit_length − 1), is <= n
+    if ks[-1] != n:
+        ks.append(n)
+    return ks

@@ -1,0 +1,266 @@
+"""Hugging Face checkpoint I/O: read and write `config.json` + safetensors (one file or an indexed set of shards)
+for Qwen3 / Qwen2 / Llama, without torch or network, converting between HF's [out, in] matrices and our layout.
+Also loads a tokenizer (with its chat template) from a local directory."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from exprl_jax.models.config import ModelConfig
+from exprl_jax.models.transformer import init_boxed
+from exprl_jax.sharding import param_shardings
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# RoPE frequencies that older transformers versions saved as buffers; we recompute them from rope_theta.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One HF tensor and where it lives in our params. Ours = (hf.T if transpose else hf).reshape(our_shape)."""
+    hf_name: str
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    our_shape: tuple[int, ...]
+    transpose: bool
+
+    def to_ours(self, hf: np.ndarray) -> np.ndarray:
+        return (hf.T if self.transpose else hf).reshape(self.our_shape)
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        if self.transpose:
+            return np.ascontiguousarray(ours.reshape(self.hf_shape[::-1]).T)
+        return np.ascontiguousarray(ours.reshape(self.hf_shape))
+
+
+def _abstract_boxed(config: ModelConfig):
+    """Shapes and logical axes of our params, without allocating them."""
+    return jax.eval_shape(lambda: init_boxed(config, jax.random.key(0)))
+
+
+def _tensor_table(config: ModelConfig, abstract_boxed=None) -> list[_Tensor]:
+    """Every HF tensor of `config`, checked against the params tree the model itself declares."""
+    D, N, K, H, F, V = (config.d_model, config.num_heads, config.num_kv_heads, config.head_dim, config.mlp_dim,
+                        config.vocab_size)
+    table = [("model.embed_tokens.weight", ("embed",), (V, D), False),
+             ("model.norm.weight", ("final_norm", "scale"), (D,), False)]
+    if not config.tie_embeddings:
+        table.append(("lm_head.weight", ("lm_head",), (V, D), True))
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers_{i}"
+        table += [(hf + "input_layernorm.weight", (ours, "input_norm", "scale"), (D,), False),
+                  (hf + "post_attention_layernorm.weight", (ours, "post_attn_norm", "scale"), (D,), False),
+                  (hf + "self_attn.q_proj.weight", (ours, "attn", "q_proj"), (N * H, D), True),
+                  (hf + "self_attn.k_proj.weight", (ours, "attn", "k_proj"), (K * H, D), True),
+                  (hf + "self_attn.v_proj.weight", (ours, "attn", "v_proj"), (K * H, D), True),
+                  (hf + "self_attn.o_proj.weight", (ours, "attn", "o_proj"), (D, N * H), True),
+                  (hf + "mlp.gate_proj.weight", (ours, "mlp", "gate_proj"), (F, D), True),
+                  (hf + "mlp.up_proj.weight", (ours, "mlp", "up_proj"), (F, D), True),
+                  (hf + "mlp.down_proj.weight", (ours, "mlp", "down_proj"), (D, F), True)]
+        if config.qkv_bias:
+            table += [(hf + f"self_attn.{x}_proj.bias", (ours, "attn", f"{x}_bias"), (n * H,), False)
+                      for x, n in (("q", N), ("k", K), ("v", K))]
+        if config.o_bias:
+            table.append((hf + "self_attn.o_proj.bias", (ours, "attn", "o_bias"), (D,), False))
+        if config.qk_norm:
+            table += [(hf + f"self_attn.{x}_norm.weight", (ours, "attn", f"{x}_norm", "scale"), (H,), False)
+                      for x in ("q", "k")]
+
+    declared = {tuple(k.key for k in path): leaf.shape for path, leaf in
+                jax.tree_util.tree_leaves_with_path(nn.unbox(
+                    _abstract_boxed(config) if abstract_boxed is None else abstract_boxed))}
+    entries = [_Tensor(name, path, shape, declared.get(path, ()), transpose) for name, path, shape, transpose in table]
+    if set(declared) != {e.path for e in entries}:  # the model grew or lost a parameter that this file must map
+        raise RuntimeError(f"HF tensor table out of sync with the model: params {sorted(declared)} vs table "
+                           f"{sorted(e.path for e in entries)}")
+    return entries
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _tensor_files(path: str) -> tuple[dict[str, str], str]:
+    """Maps each stored tensor name to its safetensors file; also returns what to name in a 'missing' error."""
+    single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
+    if os.path.isfile(single):  # preferred when both exist, as transformers does
+        with safe_open(single, framework="np") as f:
+            return {name: SINGLE_FILE for name in f.keys()}, single
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found (only safetensors "
+                                f"checkpoints are supported); files: {sorted(os.listdir(path))}")
+    with open(index) as f:
+        weight_map: dict[str, str] = json.load(f)["weight_map"]
+    missing = sorted({s for s in weight_map.values() if not os.path.isfile(os.path.join(path, s))})
+    if missing:
+        raise FileNotFoundError(f"{index} names shard files that do not exist: {missing}")
+    return weight_map, index
+
+
+def _read_dtype(hf_config: dict[str, Any]) -> str:
+    declared = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    return declared if declared in ("float32", "bfloat16", "float16") else "float32"
+
+
+def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: str | None = None,
+            dtype: str | None = None) -> tuple[ModelConfig, dict]:
+    """Reads a local HF model directory into (config, params).
+
+    `param_dtype` defaults to the dtype config.json declares (`dtype` / `torch_dtype`, else float32) and `dtype`
+    (compute) to `param_dtype`; tensors are cast on the host. With a mesh, each tensor is converted on the host and
+    placed straight onto its `param_shardings` sharding, so at most one tensor is ever whole in host memory.
+    In a tied model a stored `lm_head.weight` is accepted only when equal to the embedding (some exporters write
+    both); a different one raises, since dropping it would silently change the model.
+    """
+    with open(os.path.join(path, "config.json")) as f:
+        hf_config = json.load(f)
+    param_dtype = param_dtype or _read_dtype(hf_config)
+    config = ModelConfig.from_hf_config(hf_config, param_dtype=param_dtype, dtype=dtype or param_dtype)
+    abstract = _abstract_boxed(config)
+    table = _tensor_table(config, abstract)
+    files, listing = _tensor_files(path)
+
+    expected = {e.hf_name for e in table}
+    tied_head = config.tie_embeddings and "lm_head.weight" in files
+    extra = sorted(n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES)
+                   and not (tied_head and n == "lm_head.weight"))
+    if extra:
+        raise ValueError(f"{path}: unexpected tensors for {config.family} {hf_config.get('architectures')}: {extra}")
+
+    shardings = param_shardings(abstract, mesh) if mesh is not None else None
+    host_dtype = np.dtype(config.jnp_param_dtype)
+    params: dict = {}
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, Any] = {}
+
+        def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            if name not in files:
+                raise ValueError(f"{path}: tensor {name!r} is missing from {listing}")
+            file = files[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(os.path.join(path, file), framework="np"))
+            if name not in handles[file].keys():
+                raise ValueError(f"{path}: tensor {name!r} is missing from {file} (where {listing} places it)")
+            stored = tuple(handles[file].get_slice(name).get_shape())
+            if stored != shape:
+                raise ValueError(f"{path}: tensor {name!r} has shape {stored}, expected {shape} from config.json")
+            return handles[file].get_tensor(name)
+
+        for entry in table:
+            host = entry.to_ours(read(entry.hf_name, entry.hf_shape)).astype(host_dtype)
+            target = _get(shardings, entry.path) if shardings is not None else None
+            _set(params, entry.path, jax.device_put(host, target))
+        if tied_head:
+            embed = read("model.embed_tokens.weight", (config.vocab_size, config.d_model))
+            if not np.array_equal(read("lm_head.weight", embed.shape), embed):
+                raise ValueError(f"{path}: tie_word_embeddings=true but lm_head.weight differs from "
+                                 "model.embed_tokens.weight; set tie_word_embeddings=false to keep both")
+    return config, params
+
+
+def _shard_plan(sizes: list[int], max_shard_bytes: int | None) -> list[list[int]]:
+    """Greedy, in order: a new shard starts when the next tensor would overflow; a lone oversized tensor is kept."""
+    shards: list[list[int]] = [[]]
+    filled = 0
+    for i, size in enumerate(sizes):
+        if max_shard_bytes is not None and shards[-1] and filled + size > max_shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(i)
+        filled += size
+    return shards
+
+
+def _to_host(leaf, dtype: np.dtype) -> np.ndarray:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        # Multi-host: gather first (jax.experimental.multihost_utils.process_allgather) and save from one process.
+        raise NotImplementedError("save_hf needs fully addressable params (single process)")
+    return np.asarray(jax.device_get(leaf)).astype(dtype, copy=False)
+
+
+def save_hf(path: str, config: ModelConfig, params, *, max_shard_bytes: int | None = None,
+            tokenizer_dir: str | None = None) -> None:
+    """Writes `params` as a HF checkpoint that `AutoModelForCausalLM.from_pretrained` and vLLM load.
+
+    Tensors are stored in `config.param_dtype`; over `max_shard_bytes` they are split into
+    `model-0000i-of-0000n.safetensors` plus an index. Old model*.safetensors / index files in `path` are removed
+    first, so a stale single file cannot shadow new shards. Only one shard is on the host at a time.
+    """
+    hf_config = config.to_hf_config()  # first, so a config HF cannot express fails before any file is touched
+    table = _tensor_table(config)
+    for entry in table:
+        leaf = _get(params, entry.path)
+        if tuple(leaf.shape) != entry.our_shape:
+            raise ValueError(f"params[{'/'.join(entry.path)}] has shape {tuple(leaf.shape)}, "
+                             f"expected {entry.our_shape} from the config")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name == INDEX_FILE or (name.startswith("model") and name.endswith(".safetensors")):
+            os.remove(os.path.join(path, name))
+
+    dtype = np.dtype(config.jnp_param_dtype)
+    sizes = [math.prod(e.hf_shape) * dtype.itemsize for e in table]
+    plan = _shard_plan(sizes, max_shard_bytes)
+    weight_map = {}
+    for n, members in enumerate(plan, start=1):
+        file = SINGLE_FILE if len(plan) == 1 else f"model-{n:05d}-of-{len(plan):05d}.safetensors"
+        tensors = {table[i].hf_name: table[i].to_hf(_to_host(_get(params, table[i].path), dtype)) for i in members}
+        save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})  # transformers requires "format"
+        weight_map.update({name: file for name in tensors})
+    if len(plan) > 1:
+        with open(os.path.join(path, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config[k] is not None}
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
+    if tokenizer_dir is not None:
+        _copy_tokenizer(tokenizer_dir, path)
+
+
+def _check_tokenizer_dir(path: str) -> None:
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        found = sorted(os.listdir(path)) if os.path.isdir(path) else "directory does not exist"
+        raise FileNotFoundError(f"{path}: no tokenizer.json (a fast tokenizer is required); found: {found}")
+
+
+def _copy_tokenizer(source: str, dest: str) -> None:
+    _check_tokenizer_dir(source)
+    if os.path.realpath(source) == os.path.realpath(dest):
+        return
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(dest, name))
+
+
+def load_tokenizer(path: str):
+    """A `transformers.PreTrainedTokenizerFast` from tokenizer.json (+ tokenizer_config.json, chat template) in
+    `path`, offline. transformers itself raises if the chat template needs jinja2 and it is missing."""
+    from transformers import AutoTokenizer  # imported here: loading a model needs neither transformers nor torch
+
+    _check_tokenizer_dir(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
