@@ -73,3 +73,48 @@ def default_ks(n: int) -> list[int]:
     if ks[-1] != n:
         ks.append(n)
     return ks
+
+
+# ---------------------------------------------------------------- the sampling eval loop
+
+
+def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: int, temperature: float,
+                    max_new_tokens: int, template: str, answer_style: str, eos, pad: int, mesh=None,
+                    delimiter: str = "###", prompts_per_batch: int = 0) -> dict:
+    """n samples per problem at `temperature`, answers checked for equivalence (not string equality), pass@k for
+    k = 1, 2, 4, ... n, and behaviour statistics (SPEC §7). Returns {"metrics", "pass_at_k", "per_problem"}."""
+    import jax
+    import numpy as np
+
+    from exprl_jax.config import RolloutSection
+    from exprl_jax.rewards.answers import check_answers, extract_answer
+    from exprl_jax.rollouts import sample_rollouts
+
+    sampling = RolloutSection(group_size=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                              top_p=1.0, top_k=0)
+    batch = prompts_per_batch or len(records)
+    correct_counts, lengths, truncated, segments, texts = [], [], [], [], []
+    for start in range(0, len(records), batch):
+        chunk = records[start:start + batch]
+        r = sample_rollouts(model_cfg, params, tokenizer, chunk, jax.random.fold_in(rng, start),
+                            rollout_cfg=sampling, template=template, eos=eos, pad=pad, mesh=mesh)
+        preds = [extract_answer(t, style=answer_style) for t in r.texts]
+        checks = check_answers(preds, [rec.answer for rec in r.row_records()])
+        ok = np.array([c.correct for c in checks]) & ~r.truncated
+        correct_counts += ok.reshape(len(chunk), num_samples).sum(axis=1).tolist()
+        lengths += r.lengths.tolist()
+        truncated += r.truncated.tolist()
+        segments += [t.count(delimiter) + (0 if t.endswith(delimiter) else 1) for t in r.texts]
+        texts += r.texts
+    ks = default_ks(num_samples)
+    table = pass_at_k_table([num_samples] * len(records), correct_counts, ks)
+    metrics = {f"pass@{k}": v for k, v in table.items()}
+    metrics.update({
+        "response_length": float(np.mean(lengths)), "truncated_frac": float(np.mean(truncated)),
+        "segments_per_response": float(np.mean(segments)),
+        "never_solved_frac": float(np.mean(np.asarray(correct_counts) == 0)),
+        "problems": len(records),
+    })
+    per_problem = [{"id": rec.id, "correct": c, "samples": num_samples, "example": texts[i * num_samples][:500]}
+                   for i, (rec, c) in enumerate(zip(records, correct_counts))]
+    return {"metrics": metrics, "pass_at_k": {str(k): v for k, v in table.items()}, "per_problem": per_problem}

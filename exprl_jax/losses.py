@@ -37,6 +37,11 @@ def _masked_mean(x_NT, valid_NT):
     return jnp.sum(_zero_where_invalid(x_NT, valid_NT)) / jnp.maximum(count, 1).astype(x_NT.dtype)
 
 
+def _check_aggregation(agg):
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {AGGREGATIONS}")
+
+
 def aggregate(per_token_NT, mask_NT, agg: str = "token-mean"):
     """Reduces a per-token loss [N, T] to a scalar over the valid tokens of `mask_NT` (SPEC §5: token-mean).
 
@@ -48,8 +53,7 @@ def aggregate(per_token_NT, mask_NT, agg: str = "token-mean"):
     zeroed (an unscored rollout, SPEC §3) is dropped from the loss, not counted as a zero-loss sequence that would
     shrink everyone else's weight. All counts are floored at 1, so an all-masked batch gives 0, never NaN.
     """
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {AGGREGATIONS}")
+    _check_aggregation(agg)
     per_token_NT = _float(per_token_NT)
     valid_NT = _valid(mask_NT)
     if agg == "token-mean":
@@ -106,6 +110,7 @@ def policy_loss(
     branch (gradient zero there). "kl/approx_old" is the k3 estimate of KL(π_old‖π_θ): the tokens were sampled
     from π_old, so k3 of r = logprobs − old_logprobs is unbiased for that direction and never negative.
     """
+    _check_aggregation(agg)  # before any work, so a typo fails at trace time with nothing computed
     if dual_clip is not None and dual_clip <= 1.0:
         # At c ≤ 1 the cap would freeze (zero gradient) bad tokens whose ratio is still ≤ 1, before they have moved.
         raise ValueError(f"dual_clip={dual_clip} must be > 1 (or None to turn it off)")

@@ -54,16 +54,16 @@ class FaultServer:
         self._connections: set[socket.socket] = set()
         self.counts: collections.Counter = collections.Counter()  # "requests", "ok" and one entry per fault kind
         self.auth_headers: list[str | None] = []  # the Authorization header of each request, None when absent
+        self.bodies: list[dict] = []  # each request's JSON body
         self.arrivals_s: list[float] = []  # time.monotonic() at each request's arrival
         self.in_flight = 0
         self.max_in_flight = 0
-        self._httpd: http.server.ThreadingHTTPServer | None = None
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> str:
-        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        httpd.daemon_threads = True
+        httpd = _Server(("127.0.0.1", 0), _Handler)
         httpd.owner = self
         self._httpd = httpd
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -97,10 +97,11 @@ class FaultServer:
         self.close()
 
     # -- bookkeeping (called from handler threads) -------------------------------------------------------------
-    def _arrive(self, authorization: str | None) -> str | None:
+    def _arrive(self, authorization: str | None, body: dict) -> str | None:
         with self._lock:
             self.counts["requests"] += 1
             self.auth_headers.append(authorization)
+            self.bodies.append(body)
             self.arrivals_s.append(time.monotonic())
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -152,6 +153,14 @@ class FaultServer:
                       "total_tokens": prompt_tokens + completion_tokens}})
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # the default backlog of 5 resets connections when a client opens 64 at once
+
+    def handle_error(self, request, client_address) -> None:  # a client hanging up is not news in a fault test
+        pass
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as a real inference server offers
     disable_nagle_algorithm = True  # headers and body go out in two writes; Nagle would delay the second
@@ -175,11 +184,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self.send_json(404, {"error": {"message": f"no route {self.path}"}})
         try:
-            messages = json.loads(body)["messages"]
+            request = json.loads(body)
+            messages = request["messages"]
         except (ValueError, KeyError, TypeError):
             return self.send_json(400, {"error": {"message": "body is not a chat request"}})
         owner = self.server.owner
-        fault = owner._arrive(self.headers.get("Authorization"))
+        fault = owner._arrive(self.headers.get("Authorization"), request)
         try:
             owner._respond(self, fault, messages)
         finally:

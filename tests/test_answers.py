@@ -148,13 +148,25 @@ def test_pathological_input_is_bounded():
     assert is_equivalent("2", r"\sqrt{4}", timeout_s=5.0)  # the killed worker was replaced
 
 
-def test_dead_worker_is_marked_then_replaced():
+def test_worker_dying_idle_is_replaced_without_cost():
     is_equivalent("1", "1")
     for w in answers._POOL._workers:
         w.proc.kill()
         w.proc.wait()
-    (check,) = check_answers(["1"], ["1"])
-    assert check == AnswerCheck(False, "1", "worker_error") and check.checker_failed
+    checks = check_answers(["1", "2"], ["1", "3"])
+    assert checks == [AnswerCheck(True, "1", None), AnswerCheck(False, "2", "not_equivalent")]
+
+
+def test_worker_dying_mid_check_is_marked():
+    is_equivalent("1", "1", timeout_s=5.0)
+    victim = answers._POOL._workers[0]
+    killer = threading.Timer(0.5, victim.proc.kill)  # kills it while it is stuck on HANG
+    killer.start()
+    start = time.monotonic()
+    (check,) = check_answers([HANG], ["1"], timeout_s=60.0, max_workers=1)
+    killer.join()
+    assert check == AnswerCheck(False, HANG, "worker_error") and check.checker_failed
+    assert time.monotonic() - start < 30.0  # ended by the crash, not by the 60 s deadline
     assert is_equivalent("1", "1")
 
 
@@ -197,7 +209,8 @@ def test_gsm8k_reference_answers_agree():
     assert not wrong_extraction, wrong_extraction
     as_number = check_answers(extracted, numbers, timeout_s=10.0)
     with_commas = check_answers(numbers, raw, timeout_s=10.0)  # gold in its raw, comma-grouped form
-    for name, checks, pairs in (("number", as_number, zip(extracted, numbers)), ("raw", with_commas, zip(numbers, raw))):
+    cases = (("number", as_number, zip(extracted, numbers)), ("raw", with_commas, zip(numbers, raw)))
+    for name, checks, pairs in cases:
         misses = [(i, p, g, c.reason) for i, ((p, g), c) in enumerate(zip(pairs, checks)) if not c.correct]
         print(f"GSM8K vs {name}: agreement {1 - len(misses) / len(rows):.4f}; misses: {misses}")
         assert len(misses) <= 0.01 * len(rows), misses

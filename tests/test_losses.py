@@ -8,6 +8,15 @@ import pytest
 
 from exprl_jax import losses
 
+# The losses run under jit in training; jitting here also compiles each case once instead of once per primitive,
+# which keeps this file fast. ValueError checks call the plain functions.
+policy_loss = jax.jit(losses.policy_loss, static_argnames=("clip_low", "clip_high", "dual_clip", "agg"))
+aggregate = jax.jit(losses.aggregate, static_argnames="agg")
+kl_penalty = jax.jit(losses.kl_penalty, static_argnames="kind")
+entropy_from_logits = jax.jit(losses.entropy_from_logits)
+sft_loss = jax.jit(losses.sft_loss, static_argnames="agg")
+self_distill_loss = jax.jit(losses.self_distill_loss, static_argnames="agg")
+
 OLD = -1.0  # old log-prob used throughout; ratios are set by logprobs = OLD + log(ratio)
 
 
@@ -21,7 +30,7 @@ def _policy_inputs(ratios, advantages, mask=None):
 
 
 def _loss(ratios, advantages, mask=None, **kwargs):
-    return float(losses.policy_loss(*_policy_inputs(ratios, advantages, mask), **kwargs)[0])
+    return float(policy_loss(*_policy_inputs(ratios, advantages, mask), **kwargs)[0])
 
 
 # ---------------------------------------------------------------- policy_loss branches, one token each
@@ -55,7 +64,7 @@ def test_dual_clip_none_leaves_negative_advantage_uncapped():
     # A=-1, r=5: without the cap the loss is max(5, 1.28) = 5; with c=3 it is 3.
     assert _loss([5.0], [-1.0], dual_clip=None) == pytest.approx(5.0, abs=1e-5)
     assert _loss([5.0], [-1.0], dual_clip=3.0) == pytest.approx(3.0, abs=1e-5)
-    metrics = losses.policy_loss(*_policy_inputs([5.0], [-1.0]), dual_clip=None)[1]
+    metrics = policy_loss(*_policy_inputs([5.0], [-1.0]), dual_clip=None)[1]
     assert float(metrics["clip/frac_dual"]) == 0.0
 
 
@@ -79,7 +88,7 @@ MIXED_MASK = [1, 1, 1, 1, 1, 1, 0]
 
 
 def test_mixed_example_loss_and_clip_fractions():
-    loss, metrics = losses.policy_loss(*_policy_inputs(MIXED_RATIOS, MIXED_ADV, MIXED_MASK))
+    loss, metrics = policy_loss(*_policy_inputs(MIXED_RATIOS, MIXED_ADV, MIXED_MASK))
     # Per-token: t1 -1.1 (none), t2 0.8 (low), t3 -1.28 (high), t4 3.0 (dual), t5 -0.5 (none, A>0 below range),
     # t6 max(1.5, 1.28) = 1.5 (none: A<0 above range, under the cap). Sum = 2.42 over 6 tokens → 0.403333.
     # If the masked t7 (capped at 3.0) leaked in: (2.42 + 3) / 7 = 0.774286.
@@ -102,27 +111,35 @@ def test_mixed_example_loss_and_clip_fractions():
 def test_masked_tokens_cannot_leak_nan_or_inf():
     new, old, adv, mask = _policy_inputs([1.1, 1.0], [1.0, -1.0], [1, 0])
     # Garbage in the padded slot: NaN log-prob, inf advantage. Only t1 counts: loss = -1.1.
-    new = new.at[0, 1].set(jnp.nan)
-    adv = adv.at[0, 1].set(jnp.inf)
-    loss_fn = lambda lp: losses.policy_loss(lp, old, adv, mask)[0]
+    new, adv = np.array(new), np.array(adv)
+    new[0, 1], adv[0, 1] = np.nan, np.inf
+    loss_fn = lambda lp: policy_loss(lp, old, adv, mask)[0]
     assert float(loss_fn(new)) == pytest.approx(-1.1, abs=1e-5)
-    grad = np.asarray(jax.grad(loss_fn)(new))
+    grad = np.asarray(jax.jit(jax.grad(loss_fn))(new))
     # d/dlp (-A·exp(lp - old)) = -A·r = -1.1 on t1; exactly 0 on the masked slot.
     np.testing.assert_allclose(grad, [[-1.1, 0.0]], atol=1e-5)
+
+
+def test_zero_advantage_tokens_are_never_clipped():
+    # A = 0: loss 0 on every branch, and no clip is "active" however far the ratio moved (counting A ≤ 0 as
+    # negative would report 1/3 low and 1/3 dual here).
+    loss, metrics = policy_loss(*_policy_inputs([0.5, 1.5, 5.0], [0.0, 0.0, 0.0]))
+    assert float(loss) == 0.0
+    assert [float(metrics[k]) for k in ("clip/frac_low", "clip/frac_high", "clip/frac_dual")] == [0.0, 0.0, 0.0]
 
 
 def test_ratio_max_ignores_masked_tokens():
     # Valid ratios 0.5 and 0.9, masked 10: ratio/max = 0.9. Counting the masked slot would give 10 (its raw
     # ratio) or 1 (its ratio after the padding is zeroed), both above every valid token.
-    metrics = losses.policy_loss(*_policy_inputs([0.5, 0.9, 10.0], [1.0, 1.0, 1.0], [1, 1, 0]))[1]
+    metrics = policy_loss(*_policy_inputs([0.5, 0.9, 10.0], [1.0, 1.0, 1.0], [1, 1, 0]))[1]
     assert float(metrics["ratio/max"]) == pytest.approx(0.9, rel=1e-5)
     assert float(metrics["ratio/mean"]) == pytest.approx(0.7, rel=1e-5)
 
 
 def test_bool_mask_equals_float_mask():
     new, old, adv, mask = _policy_inputs(MIXED_RATIOS, MIXED_ADV, MIXED_MASK)
-    as_float = losses.policy_loss(new, old, adv, mask)[0]
-    as_bool = losses.policy_loss(new, old, adv, mask.astype(bool))[0]
+    as_float = policy_loss(new, old, adv, mask)[0]
+    as_bool = policy_loss(new, old, adv, mask.astype(bool))[0]
     assert float(as_bool) == pytest.approx(float(as_float), abs=1e-7)
 
 
@@ -144,14 +161,14 @@ AGG_EXPECTED = {
 
 @pytest.mark.parametrize("agg", list(AGG_EXPECTED))
 def test_aggregate_ragged(agg):
-    assert float(losses.aggregate(VALUES_NT, RAGGED_MASK_NT, agg)) == pytest.approx(AGG_EXPECTED[agg], abs=1e-6)
+    assert float(aggregate(VALUES_NT, RAGGED_MASK_NT, agg)) == pytest.approx(AGG_EXPECTED[agg], abs=1e-6)
 
 
 @pytest.mark.parametrize("agg", list(AGG_EXPECTED))
 def test_policy_loss_uses_aggregation(agg):
     # ratio = 1 everywhere and A = -value: per-token loss = max(value·1, value·1) = value, under the cap 3·value.
     old = jnp.zeros_like(VALUES_NT)
-    loss, _ = losses.policy_loss(old, old, -VALUES_NT, RAGGED_MASK_NT, agg=agg)
+    loss, _ = policy_loss(old, old, -VALUES_NT, RAGGED_MASK_NT, agg=agg)
     assert float(loss) == pytest.approx(AGG_EXPECTED[agg], abs=1e-5)
 
 
@@ -166,20 +183,23 @@ def test_unknown_aggregation_is_named():
 def test_all_masked_is_finite_zero(agg):
     new, old, adv, _ = _policy_inputs(MIXED_RATIOS, MIXED_ADV)
     mask = jnp.zeros_like(new)
-    loss_fn = lambda lp: losses.policy_loss(lp, old, adv, mask, agg=agg)
-    (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(new)
+    loss_fn = lambda lp: policy_loss(lp, old, adv, mask, agg=agg)
+    (loss, metrics), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(new)
     # 0 / max(0, 1) = 0; a bare 0/0 would be NaN.
     assert float(loss) == 0.0
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert np.all(np.asarray(grad) == 0.0)
-    assert float(losses.sft_loss(new, mask, agg)[0]) == 0.0
-    assert float(losses.self_distill_loss(new, old, mask, agg)[0]) == 0.0
+    assert float(sft_loss(new, mask, agg)[0]) == 0.0
+    assert float(self_distill_loss(new, old, mask, agg)[0]) == 0.0
 
 
-def test_policy_loss_under_jit():
+def test_eager_matches_jit():
     inputs = _policy_inputs(MIXED_RATIOS, MIXED_ADV, MIXED_MASK)
-    jitted = jax.jit(losses.policy_loss, static_argnames=("agg", "dual_clip", "clip_low", "clip_high"))
-    assert float(jitted(*inputs)[0]) == pytest.approx(2.42 / 6, abs=1e-5)
+    eager_loss, eager_metrics = losses.policy_loss(*inputs)
+    jit_loss, jit_metrics = policy_loss(*inputs)
+    assert float(eager_loss) == pytest.approx(float(jit_loss), abs=1e-6)
+    for key, value in jit_metrics.items():
+        assert float(eager_metrics[key]) == pytest.approx(float(value), abs=1e-6), key
 
 
 # ---------------------------------------------------------------- gradient vs central finite differences
@@ -193,7 +213,7 @@ def test_policy_loss_gradient_matches_finite_differences():
         new = old + jnp.log(jnp.asarray(ratios))[None]
         adv = jnp.asarray([MIXED_ADV], jnp.float64)
         mask = jnp.asarray([MIXED_MASK], jnp.float64)
-        loss_fn = jax.jit(lambda lp: losses.policy_loss(lp, old, adv, mask)[0])
+        loss_fn = jax.jit(lambda lp: policy_loss(lp, old, adv, mask)[0])
         grad = np.asarray(jax.grad(loss_fn)(new))
         assert grad.dtype == np.float64
         eps = 1e-6
@@ -213,16 +233,16 @@ KL_REF = jnp.asarray([[-1.0, -1.0, 0.0]])
 
 def test_kl_k1_k2_k3_values():
     # k1 = logp − ref = [1, 0, -2].
-    np.testing.assert_allclose(losses.kl_penalty(KL_LOGP, KL_REF, "k1"), [[1.0, 0.0, -2.0]], atol=1e-6)
+    np.testing.assert_allclose(kl_penalty(KL_LOGP, KL_REF, "k1"), [[1.0, 0.0, -2.0]], atol=1e-6)
     # k2 = ½(logp − ref)² = [0.5, 0, 2].
-    np.testing.assert_allclose(losses.kl_penalty(KL_LOGP, KL_REF, "k2"), [[0.5, 0.0, 2.0]], atol=1e-6)
+    np.testing.assert_allclose(kl_penalty(KL_LOGP, KL_REF, "k2"), [[0.5, 0.0, 2.0]], atol=1e-6)
     # k3 = e^r − r − 1 = [e^-1 = 0.367879, 0, e^2 − 3 = 4.389056].
     # With r's sign flipped (logp − ref) it would be [e − 2 = 0.718282, 0, e^-2 + 1 = 1.135335].
     k3_expected = [[math.exp(-1), 0.0, math.exp(2) - 3]]
-    np.testing.assert_allclose(losses.kl_penalty(KL_LOGP, KL_REF, "k3"), k3_expected, rtol=1e-6)
-    np.testing.assert_allclose(losses.kl_penalty(KL_LOGP, KL_REF, "low_var_kl"), k3_expected, rtol=1e-6)
+    np.testing.assert_allclose(kl_penalty(KL_LOGP, KL_REF, "k3"), k3_expected, rtol=1e-6)
+    np.testing.assert_allclose(kl_penalty(KL_LOGP, KL_REF, "low_var_kl"), k3_expected, rtol=1e-6)
     # The default is k3, not k1.
-    np.testing.assert_allclose(losses.kl_penalty(KL_LOGP, KL_REF), k3_expected, rtol=1e-6)
+    np.testing.assert_allclose(kl_penalty(KL_LOGP, KL_REF), k3_expected, rtol=1e-6)
 
 
 def test_kl_k3_clamps_value_and_keeps_gradient_finite():
@@ -230,19 +250,19 @@ def test_kl_k3_clamps_value_and_keeps_gradient_finite():
     ref = jnp.asarray([[5.0, -30.0, 100.0, 0.0]])
     # r = [5, -30, 100, -100]: e^5 − 6 = 142.4 → 10; e^-20 + 20 − 1 = 19 → 10 (r clamped to -20 first);
     # r = ±100 → 10. Without the log-ratio clamp e^100 overflows fp32 to inf and its gradient is inf·0 = NaN.
-    kl = losses.kl_penalty(logp, ref, "k3")
+    kl = kl_penalty(logp, ref, "k3")
     np.testing.assert_allclose(kl, [[10.0, 10.0, 10.0, 10.0]])
-    grad = jax.grad(lambda lp: losses.kl_penalty(lp, ref, "k3").sum())(logp)
+    grad = jax.jit(jax.grad(lambda lp: kl_penalty(lp, ref, "k3").sum()))(logp)
     assert np.all(np.isfinite(np.asarray(grad)))
     # Every entry sits on a clamp, so no gradient flows.
     np.testing.assert_allclose(grad, 0.0)
 
 
 def test_kl_k3_plus_value_is_k3_gradient_is_k2():
-    k3 = losses.kl_penalty(KL_LOGP, KL_REF, "k3")
-    k3_plus = losses.kl_penalty(KL_LOGP, KL_REF, "k3+")
+    k3 = kl_penalty(KL_LOGP, KL_REF, "k3")
+    k3_plus = kl_penalty(KL_LOGP, KL_REF, "k3+")
     np.testing.assert_allclose(k3_plus, k3, rtol=1e-6)
-    grad_of = lambda kind: np.asarray(jax.grad(lambda lp: losses.kl_penalty(lp, KL_REF, kind).sum())(KL_LOGP))
+    grad_of = lambda kind: np.asarray(jax.jit(jax.grad(lambda lp: kl_penalty(lp, KL_REF, kind).sum()))(KL_LOGP))
     # ∂k2/∂logp = logp − ref = [1, 0, -2]. ∂k3/∂logp = 1 − e^r = [1 − e^-1 = 0.632, 0, 1 − e^2 = -6.389]:
     # a different vector, so k3+ returning plain k3 would fail here.
     np.testing.assert_allclose(grad_of("k3+"), [[1.0, 0.0, -2.0]], atol=1e-6)
@@ -261,37 +281,37 @@ def test_entropy_matches_numpy_reference():
     p = np.exp(logits - logits.max(-1, keepdims=True)).astype(np.float64)
     p /= p.sum(-1, keepdims=True)
     expected = -(p * np.log(p)).sum(-1)
-    entropy = losses.entropy_from_logits(jnp.asarray(logits))
+    entropy = entropy_from_logits(jnp.asarray(logits))
     assert entropy.shape == (2, 3)
     np.testing.assert_allclose(entropy, expected, rtol=1e-5)
 
 
-def test_entropy_uniform_large_and_bf16():
-    # Uniform over V = 5, at any offset: log 5 = 1.609438.
-    uniform = jnp.full((1, 2, 5), 7.0)
-    np.testing.assert_allclose(losses.entropy_from_logits(uniform), np.full((1, 2), math.log(5)), rtol=1e-6)
-    # [1000, 0, 0]: p ≈ [1, e^-1000, e^-1000] → H ≈ 0; a naive exp(1000) would overflow to NaN.
-    peaked = jnp.asarray([[[1000.0, 0.0, 0.0]]])
-    np.testing.assert_allclose(losses.entropy_from_logits(peaked), [[0.0]], atol=1e-6)
-    # A masked vocabulary entry (−inf) drops out: uniform over the other 2 → log 2 = 0.693147 (0·(−inf) = NaN).
-    masked_vocab = jnp.asarray([[[0.0, 0.0, -jnp.inf]]])
-    np.testing.assert_allclose(losses.entropy_from_logits(masked_vocab), [[math.log(2)]], rtol=1e-6)
+def test_entropy_uniform_large_masked_vocab_and_bf16():
+    logits = jnp.asarray([[
+        # Uniform over V = 5, at any offset: log 5 = 1.609438.
+        [7.0, 7.0, 7.0, 7.0, 7.0],
+        # p ≈ [1, e^-1000, ...] → H ≈ 0; a naive exp(1000) overflows to inf and gives NaN.
+        [1000.0, 0.0, 0.0, 0.0, 0.0],
+        # Masked vocabulary entries (−inf) drop out: uniform over 2 → log 2 = 0.693147 (a bare 0·(−inf) is NaN).
+        [0.0, 0.0, -jnp.inf, -jnp.inf, -jnp.inf],
+    ]])
+    np.testing.assert_allclose(entropy_from_logits(logits), [[math.log(5), 0.0, math.log(2)]], atol=1e-6)
     # bf16 logits are computed and returned in fp32.
-    assert losses.entropy_from_logits(uniform.astype(jnp.bfloat16)).dtype == jnp.float32
+    assert entropy_from_logits(logits.astype(jnp.bfloat16)).dtype == jnp.float32
 
 
 # ---------------------------------------------------------------- SFT
 def test_sft_loss_token_mean_on_response_tokens():
     logprobs = jnp.asarray([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
     mask = jnp.asarray([[1, 1, 0], [1, 0, 0]])
-    loss, metrics = losses.sft_loss(logprobs, mask)
+    loss, metrics = sft_loss(logprobs, mask)
     # NLL on valid tokens: 1, 2, 4 → token-mean 7/3 = 2.333. Seq-mean would give (1.5 + 4)/2 = 2.75;
     # ignoring the mask 21/6 = 3.5; a sign error -2.333.
     assert float(loss) == pytest.approx(7 / 3, abs=1e-6)
     assert float(metrics["loss/sft"]) == pytest.approx(7 / 3, abs=1e-6)
-    assert float(losses.sft_loss(logprobs, mask, "seq-mean-token-mean")[0]) == pytest.approx(2.75, abs=1e-6)
+    assert float(sft_loss(logprobs, mask, "seq-mean-token-mean")[0]) == pytest.approx(2.75, abs=1e-6)
     # ∂loss/∂logprob = -1/3 on each valid token, 0 elsewhere.
-    grad = jax.grad(lambda lp: losses.sft_loss(lp, mask)[0])(logprobs)
+    grad = jax.jit(jax.grad(lambda lp: sft_loss(lp, mask)[0]))(logprobs)
     np.testing.assert_allclose(grad, [[-1 / 3, -1 / 3, 0.0], [-1 / 3, 0.0, 0.0]], atol=1e-6)
 
 
@@ -303,7 +323,7 @@ SD_MASK = jnp.asarray([[1.0, 1.0], [1.0, 0.0]])
 
 
 def test_self_distill_loss_value_and_reverse_kl():
-    loss, metrics = losses.self_distill_loss(SD_LOGP, SD_TEACHER, SD_MASK)
+    loss, metrics = self_distill_loss(SD_LOGP, SD_TEACHER, SD_MASK)
     # −A·logp: −(0.5)(−1) = 0.5, −(−0.5)(−2) = −1.0, −(−0.5)(−0.5) = −0.25 → sum −0.75 over 3 = −0.25.
     # With the masked token −(2)(−3) = 6 included: 5.25/4 = 1.3125.
     assert float(loss) == pytest.approx(-0.25, abs=1e-6)
@@ -312,9 +332,8 @@ def test_self_distill_loss_value_and_reverse_kl():
 
 
 def test_self_distill_gradient_is_minus_detached_advantage():
-    grad_student, grad_teacher = jax.grad(
-        lambda lp, tp: losses.self_distill_loss(lp, tp, SD_MASK)[0], argnums=(0, 1)
-    )(SD_LOGP, SD_TEACHER)
+    grad_fn = jax.grad(lambda lp, tp: self_distill_loss(lp, tp, SD_MASK)[0], argnums=(0, 1))
+    grad_student, grad_teacher = jax.jit(grad_fn)(SD_LOGP, SD_TEACHER)
     # ∂/∂logp of −stop_grad(A)·logp / 3 = −A/3 = [[−0.5/3, 0.5/3], [0.5/3, 0]].
     # Without the stop-gradient ∂/∂l of −(t − l)·l is (2l − t)/3: t1 → (−2 + 0.5)/3 = −0.5, not −0.1667.
     np.testing.assert_allclose(grad_student, [[-0.5 / 3, 0.5 / 3], [0.5 / 3, 0.0]], atol=1e-6)

@@ -165,12 +165,32 @@ class _Attempt:
     completion_tokens: int = 0
 
 
+# httpcore's pool scans every connection for every queued request, so one pool of 64 connections spends more CPU
+# on bookkeeping than on HTTP; several small pools, each request sent through the least busy, measured ~3x faster.
+CONNECTIONS_PER_POOL = 8
+
+
 @dataclasses.dataclass
 class _LoopResources:
     # asyncio primitives and httpx connections belong to one event loop; a new loop gets new ones.
     loop: asyncio.AbstractEventLoop
-    http: httpx.AsyncClient
     slots: asyncio.Semaphore
+    pools: list[httpx.AsyncClient]
+    free: list[int]  # connections of each pool not now in use
+    closer: Any = None  # async generator whose `finally` closes the pools when the loop shuts down
+
+    def least_busy_pool(self) -> int:
+        return max(range(len(self.pools)), key=self.free.__getitem__)
+
+
+async def _close_at_loop_shutdown(pools: list[httpx.AsyncClient]):
+    # asyncio.run (and any loop.shutdown_asyncgens) closes live async generators before the loop closes, so this
+    # `finally` runs inside the loop that owns the sockets: no leaked connections when every step has its own loop.
+    try:
+        yield
+    finally:
+        for pool in pools:
+            await pool.aclose()
 
 
 class OpenAIChatClient:
@@ -201,33 +221,40 @@ class OpenAIChatClient:
     def __getstate__(self):
         raise TypeError("OpenAIChatClient holds an API key and cannot be pickled; pickle its config instead")
 
-    def _loop_resources(self) -> _LoopResources:
+    async def _loop_resources(self) -> _LoopResources:
         loop = asyncio.get_running_loop()
         if self._resources is None or self._resources.loop is not loop:
-            # A previous loop's client cannot be closed from here (its loop is gone); its idle sockets close when
-            # it is collected. Call aclose() at the end of each asyncio.run to release them promptly.
             headers = {"Authorization": f"Bearer {self._api_key.reveal()}"} if self._api_key else {}
             limit = self.config.max_concurrency
-            http = httpx.AsyncClient(
-                headers=headers, timeout=httpx.Timeout(self.config.timeout_s),
-                limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
-            self._resources = _LoopResources(loop, http, asyncio.Semaphore(limit))
+            sizes = [min(CONNECTIONS_PER_POOL, limit - first) for first in range(0, limit, CONNECTIONS_PER_POOL)]
+            pools = [httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.config.timeout_s),
+                                       limits=httpx.Limits(max_connections=size, max_keepalive_connections=size))
+                     for size in sizes]
+            self._resources = _LoopResources(loop, asyncio.Semaphore(limit), pools, sizes)
+            self._resources.closer = _close_at_loop_shutdown(pools)
+            await self._resources.closer.asend(None)  # runs to the `yield`, which registers it with the loop
         return self._resources
 
     async def aclose(self) -> None:
+        """Close this loop's connections now (a finished loop's close when it shuts down)."""
         resources, self._resources = self._resources, None
         if resources is not None and resources.loop is asyncio.get_running_loop():
-            await resources.http.aclose()
+            await resources.closer.aclose()
 
     async def complete(self, messages: Sequence[dict]) -> Completion:
-        resources = self._loop_resources()
+        resources = await self._loop_resources()
         payload = {"model": self.model, "messages": list(messages), **self.decoding}
         token_estimate = sum(len(str(m.get("content") or "")) for m in messages) // 4 + self.config.max_tokens
         started = time.monotonic()
         attempt = 0
         while True:
-            async with resources.slots:
-                outcome = await self._attempt(resources.http, payload, token_estimate)
+            async with resources.slots:  # holding one of `limit` slots, some pool has a free connection
+                pool = resources.least_busy_pool()
+                resources.free[pool] -= 1
+                try:
+                    outcome = await self._attempt(resources.pools[pool], payload, token_estimate)
+                finally:
+                    resources.free[pool] += 1
             if outcome.text is not None:
                 return Completion(outcome.text, None, outcome.prompt_tokens, outcome.completion_tokens,
                                   time.monotonic() - started, attempt)

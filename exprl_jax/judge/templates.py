@@ -24,8 +24,10 @@ _SECTION = re.compile(r"\{\{([#^])([a-z_][a-z0-9_]*)\}\}(.*?)\{\{/\2\}\}", re.S)
 _ROLE_LINE = re.compile(r"^=== ([a-z]+) ===[ \t]*$", re.M)
 _FILE_NAME = re.compile(r"^([a-z0-9][a-z0-9-]*)\.v([0-9]+)\.txt$")
 _NAME_LIST = re.compile(r"^[a-z_][a-z0-9_]*$")
-# What the policy could write to imitate a fence line: `<<` then END / TRACE / a long hex run, or hex then `>>`.
-_FENCE_LIKE = re.compile(r"<\s*<\s*[/\\]?\s*(?:end|trace|[0-9a-f]{8})|[0-9a-f]{8}\s*>\s*>", re.I)
+# What the policy could write to imitate a fence line: `<<` then END / TRACE / a hex run, or a hex run then `>>`.
+# (`cout << endl` is not fence-like: a trace full of code must stay readable.)
+_FENCE_LIKE = re.compile(
+    r"<\s*<\s*[/\\]?\s*(?:end(?![a-z0-9])|end[\s_-]*trace|trace|[0-9a-f]{8})|[0-9a-f]{8}\s*>\s*>", re.I)
 _SCORE_LIKE = re.compile(r"score\s*[:=]", re.I)
 
 
@@ -201,7 +203,7 @@ def _names(value: str, fail) -> tuple[str, ...]:
 def _check_nesting(tags, role, fail) -> None:
     open_name = None  # sections do not nest: one level is all the templates need
     for sigil, name in tags:
-        if sigil in "#^":
+        if sigil in ("#", "^"):
             if open_name is not None:
                 fail(f"{role}: section {name!r} opened inside section {open_name!r}")
             open_name = name

@@ -129,8 +129,10 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: st
     """Reads a local HF model directory into (config, params).
 
     `param_dtype` defaults to the dtype config.json declares (`dtype` / `torch_dtype`, else float32) and `dtype`
-    (compute) to `param_dtype`; tensors are cast on the host. With a mesh, each tensor is converted on the host and
-    placed straight onto its `param_shardings` sharding, so at most one tensor is ever whole in host memory.
+    (compute) to `param_dtype`; tensors are cast on the host. Tensors are read one at a time (memory-mapped) and
+    each goes straight to its device, or with a mesh to its `param_shardings` sharding, so the model is never whole
+    in host memory nor on one device. Single process; multi-host would place local shards with
+    `jax.make_array_from_callback` instead.
     In a tied model a stored `lm_head.weight` is accepted only when equal to the embedding (some exporters write
     both); a different one raises, since dropping it would silently change the model.
     """

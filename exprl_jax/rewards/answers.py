@@ -11,12 +11,16 @@ import logging
 import multiprocessing.connection
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 from typing import Sequence
+
+try:
+    import resource
+except ImportError:  # not POSIX: only the parent's deadline applies
+    resource = None
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
@@ -121,14 +125,14 @@ def _compare(pred: str, gold: str) -> tuple[bool, str | None]:
 
 
 def _worker_main(read_fd: int, write_fd: int) -> None:
-    """Answers (pred, gold) requests until its pipe closes or it reads None. Timeouts are the parent's job."""
-    if sys.platform.startswith("linux"):  # die with the parent even while stuck inside sympy
-        try:
-            import ctypes
+    """Answers (pred, gold, timeout_s) requests until its pipe closes or it reads None.
 
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    The parent enforces the wall-clock deadline. As a backstop each job also gets a CPU-time limit
+    (RLIMIT_CPU; the kernel kills the process even inside a long C call), so a worker whose parent died
+    mid-job does not keep computing.
+    """
+    if resource is not None:  # no core file when the CPU limit (SIGXCPU) ends a job
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     logging.basicConfig(level=logging.ERROR)  # math_verify warns once that its own timeouts are off: intended
     inbox = multiprocessing.connection.Connection(read_fd, writable=False)
     outbox = multiprocessing.connection.Connection(write_fd, readable=False)
@@ -141,8 +145,14 @@ def _worker_main(read_fd: int, write_fd: int) -> None:
             return
         if job is None:
             return
+        pred, gold, timeout_s = job
+        if resource is not None:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            soft = int(usage.ru_utime + usage.ru_stime + timeout_s) + 2
+            hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+            resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
         try:
-            outbox.send(_compare(*job))
+            outbox.send(_compare(pred, gold))
         except Exception as e:  # noqa: BLE001 - reported to the parent as a marked failure
             outbox.send((False, f"worker_error: {type(e).__name__}"))
 
@@ -210,14 +220,17 @@ class _CheckerPool:
             self._workers.append(_Worker())
         workers = self._workers[:max_workers]
         while pending or any(w.job is not None for w in workers):
-            for w in workers:
-                if w.ready and w.job is None and pending:
-                    w.job = pending.pop()
-                    w.deadline = time.monotonic() + timeout_s
-                    try:
-                        w.to_worker.send(jobs[w.job])
-                    except OSError:
-                        pass  # a dead worker: its pipe reads as EOF below and the job is marked worker_error
+            for k, w in enumerate(workers):
+                if not (w.ready and w.job is None and pending):
+                    continue
+                try:
+                    if w.proc.poll() is not None:
+                        raise BrokenPipeError  # died while idle (e.g. OOM-killed): the job never started
+                    w.to_worker.send((*jobs[pending[-1]], timeout_s))
+                except OSError:
+                    workers[k] = self._replace(w)
+                    continue
+                w.job, w.deadline = pending.pop(), time.monotonic() + timeout_s
             waiting = [w for w in workers if w.job is not None or not w.ready]
             wait_s = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
             ready = set(multiprocessing.connection.wait([w.from_worker for w in waiting], timeout=wait_s))
@@ -240,11 +253,15 @@ class _CheckerPool:
                 if failure is not None:
                     if w.job is not None:
                         results[w.job] = (False, failure)
-                    w.kill()
                     if not w.ready:
                         raise RuntimeError("an answer-check worker failed to start (math_verify import or warm-up)")
-                    workers[k] = self._workers[self._workers.index(w)] = _Worker()
+                    workers[k] = self._replace(w)
         return results  # type: ignore[return-value]
+
+    def _replace(self, w: _Worker) -> _Worker:
+        w.kill()
+        fresh = self._workers[self._workers.index(w)] = _Worker()
+        return fresh
 
 
 _POOL = _CheckerPool()

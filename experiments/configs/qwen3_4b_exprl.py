@@ -1,0 +1,40 @@
+"""python experiments/run.py --config=experiments/configs/qwen3_4b_exprl.py --workdir=runs/qwen3_4b_outcome \
+    --config.model.hf_path=/path/to/Qwen3-4B-Instruct-2507 --config.data.train_path=/path/to/d_mid.jsonl \
+    --config.judge.base_url=http://judge-host:8000/v1 --config.judge.model=Qwen3-4B-Instruct-2507
+
+The paper's ExpRL-Outcome Stage I (SPEC §5): Qwen3-4B-Instruct-2507 policy, a frozen copy of it as the judge
+served by any OpenAI-compatible server, 36 prompts x 10 samples, mini-batch 18 prompts, lr 1e-6, 230 steps.
+Needs accelerators (bf16); the shapes are those of `ModelConfig.qwen3_4b()`.
+"""
+from exprl_jax.config import default_config_dict
+
+
+def get_config():
+    c = default_config_dict()
+    c.name = "qwen3_4b_exprl_outcome"
+    c.method = "exprl_outcome"
+    c.model.preset = "qwen3_4b"  # used only when hf_path is empty (random init: shapes / throughput checks)
+    c.model.tokenizer = ""  # comes with hf_path
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.mesh.shape = (1, -1, 1)  # FSDP over all chips
+    c.data.source = "jsonl"
+    c.data.prompt_template = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    c.rollout.prompts_per_step = 36
+    c.rollout.group_size = 10
+    c.rollout.max_new_tokens = 16384
+    c.rollout.temperature = 0.8
+    c.loss.clip_high = 0.28
+    c.loss.ppo_mini_batch_size = 18 * 10  # 18 prompts: the second half of each step is one update off-policy
+    c.loss.kl_coef = 0.001
+    c.loss.kl_kind = "k3"
+    c.optim.learning_rate = 1e-6
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip_norm = 1.0
+    c.judge.backend = "openai"
+    c.judge.max_tokens = 2048
+    c.judge.api_key_env = "JUDGE_API_KEY"
+    c.train.steps = 230
+    c.train.save_every = 10
+    c.eval.num_samples = 128
+    return c

@@ -1,0 +1,38 @@
+"""Runs one experiment from an ml_collections config file; with no --config, the embedded default.
+
+  python experiments/run.py --config=experiments/configs/smoke.py --workdir=/tmp/smoke --config.method=grpo
+"""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from exprl_jax.config import ExperimentConfig, from_dict  # noqa: E402
+from exprl_jax.experiment import Experiment  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(ROOT, "experiments", "configs", "default.py"), "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: workdir/<config name>).")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # keep the console to progress lines (Orbax logs every save at INFO)
+    cfg = from_dict(ExperimentConfig, _CONFIG.value.to_dict())
+    workdir = _WORKDIR.value or os.path.join(ROOT, "workdir", cfg.name)
+    results = Experiment(cfg, workdir).run()
+    summary = {k: v for k, v in results.items() if k in ("method", "steps", "params_sha256")}
+    for key in ("eval_start", "eval_end"):
+        if key in results:
+            summary[key] = results[key]["metrics"]
+    print(json.dumps(summary, indent=1))
+    print(f"workdir: {workdir}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,208 @@
+"""Typed experiment config: ml_collections `ConfigDict` files are converted once into frozen dataclasses.
+
+Conversion is strict: an unknown key, a missing section or a value of the wrong type is an error naming the
+dotted key. Every field has a comment; defaults follow SPEC §5 where the paper fixes a value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from exprl_jax.train_state import OptimConfig
+
+METHODS = ("sft", "grpo", "exprl_outcome", "exprl_process", "self_distill", "stage2")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    preset: str = "tiny"  # a ModelConfig preset name, used when hf_path is empty
+    hf_path: str = ""  # a local Hugging Face model directory (config.json + safetensors + tokenizer)
+    init_checkpoint: str = ""  # a workdir of an earlier run (e.g. Stage I) whose final params start this one
+    tokenizer: str = "char"  # "char" (built-in character vocabulary) or a directory with tokenizer.json
+    dtype: str = "float32"  # compute dtype ("bfloat16" on TPU/GPU)
+    param_dtype: str = "float32"
+    d_model: int = 0  # > 0 overrides the preset (quick size sweeps); likewise below
+    num_layers: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    mlp_dim: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshSection:
+    shape: tuple[int, ...] = (-1, 1, 1)  # (data, fsdp, tensor); one entry may be -1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSection:
+    source: str = "toy_addition"  # "toy_addition", "jsonl", "gsm8k", "math"
+    train_path: str = ""  # for jsonl / gsm8k / math
+    eval_path: str = ""
+    num_train: int = 0  # > 0: keep only the first n training records
+    num_eval: int = 64
+    on_bad_row: str = "error"  # or "skip" (skipped rows are counted in metrics)
+    prompt_template: str = "{problem}\n"  # only {problem}: the reference never reaches the policy
+    answer_style: str = "boxed"  # how the final answer is extracted: "boxed", "gsm8k", "auto"
+    shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutSection:
+    prompts_per_step: int = 8  # B
+    group_size: int = 4  # G: samples per prompt (N = B·G rollouts per step)
+    max_new_tokens: int = 32
+    temperature: float = 0.8  # SPEC §5
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossSection:
+    clip_low: float = 0.2  # SPEC §5 asymmetric clip
+    clip_high: float = 0.28  # 0.28 Outcome, 0.26 Process / sparse GRPO
+    dual_clip: float = 3.0  # <= 0 turns dual-clip off
+    agg: str = "token-mean"
+    kl_coef: float = 0.001  # KL to the initial policy as a loss term (0 disables the reference pass)
+    kl_kind: str = "k3"
+    entropy_coef: float = 0.0  # Stage II: 1e-4
+    ppo_mini_batch_size: int = 0  # rollouts per update; 0 = the whole step batch (fully on-policy)
+    scale_by_std: bool = True  # GRPO std normalisation (False for Stage II / Dr.GRPO)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProcessSection:
+    mode: str = "delta"  # DeltaNorm / "end" / "group" (SPEC §4)
+    single_segment: str = "zero"  # T = 1 under DeltaNorm: "zero" (formula) or "score" (authors' code)
+    context: str = "segment"  # judge sees the step alone ("segment") or the prefix up to it ("prefix")
+    delimiter: str = "###"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JudgeSection:
+    backend: str = "programmatic"  # "openai", "local", "programmatic"
+    base_url: str = ""
+    model: str = ""
+    api_key_env: str = ""  # name of the environment variable holding the key (never the key itself)
+    max_concurrency: int = 64
+    requests_per_minute: int = 0  # 0 = unlimited
+    tokens_per_minute: int = 0
+    timeout_s: float = 120.0
+    max_retries: int = 4
+    max_tokens: int = 2048  # SPEC §3: greedy, up to 2048 output tokens
+    overlap: bool = False  # judge step t while sampling step t+1 (one step off-policy)
+    cache: bool = True  # content-addressed answer cache under <workdir>/judge_cache
+    use_reference: bool = True
+    rubric_path: str = ""  # JSON of per-problem checkpoints built once (optional)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSection:
+    steps: int = 20
+    log_every: int = 1
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    batch_size: int = 16  # SFT sequences per step
+    seq_len: int = 64  # SFT sequence length (tokens)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalSection:
+    num_samples: int = 8  # n per problem for pass@k (SPEC §7: 128 in the paper)
+    temperature: float = 0.8
+    max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
+    at_start: bool = True
+    at_end: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    method: str = "sft"  # one of METHODS
+    model: ModelSection = ModelSection()
+    mesh: MeshSection = MeshSection()
+    optim: OptimConfig = OptimConfig()
+    data: DataSection = DataSection()
+    rollout: RolloutSection = RolloutSection()
+    loss: LossSection = LossSection()
+    process: ProcessSection = ProcessSection()
+    judge: JudgeSection = JudgeSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"config.method={self.method!r}; expected one of {METHODS}")
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(f"config.{key}: expected a tuple, got {type(value).__name__} {value!r}")
+        item = typing.get_args(annotation)[0]
+        return tuple(_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(value, option, key)
+            except TypeError:
+                pass
+        raise TypeError(f"config.{key}: {value!r} does not match {annotation}")
+    if annotation is type(None):
+        if value is not None:
+            raise TypeError(f"config.{key}: expected None, got {value!r}")
+        return value
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise TypeError(f"config.{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, values: Any, prefix: str = ""):
+    """Builds dataclass `cls` from a (nested) mapping, rejecting unknown keys and wrong types by dotted name."""
+    values = dict(values.items()) if hasattr(values, "items") else values
+    if not isinstance(values, dict):
+        raise TypeError(f"config.{prefix.rstrip('.')}: expected a section, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise KeyError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = from_dict(annotation, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, annotation, prefix + name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (used to refuse a resume with another config)."""
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff(va, vb, f"{prefix}{k}.")
+        elif va != vb and not (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple))
+                               and list(va) == list(vb)):
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def default_config_dict():
+    """An `ml_collections.ConfigDict` holding every field's default; config files start from it and override."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(to_dict(ExperimentConfig()))

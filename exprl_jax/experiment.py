@@ -1,0 +1,233 @@
+"""The host shell of every run: setup, exact resume, the step loop (one loop for all methods), evaluation, results.
+
+Per step s: the data cursor and the RNG stream are pure functions of (seed, s), and both are also written into
+each checkpoint, so a run killed at any moment and restarted continues bit-for-bit.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from exprl_jax import config as config_lib
+from exprl_jax import sharding as shd
+from exprl_jax.checkpoint import Checkpointer, abstract_like
+from exprl_jax.data import QARecord, load_gsm8k, load_math, read_jsonl
+from exprl_jax.metrics import MetricsLogger, read_metrics
+from exprl_jax.methods import METHOD_SPECS, batch_ndims, make_loss_fn
+from exprl_jax.models.config import ModelConfig
+from exprl_jax.models.transformer import init_params
+from exprl_jax.tokenizer import eos_ids, load_tokenizer, pad_id
+from exprl_jax.train_state import init_train_state, make_optimizer, make_train_step
+
+
+class ResumeRefused(RuntimeError):
+    pass
+
+
+def params_sha256(params) -> str:
+    """Digest of every parameter's path, dtype, shape and bytes (host copy)."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda x: jax.tree_util.keystr(x[0])):
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def build_model(cfg: config_lib.ExperimentConfig, seed: int):
+    """(model config, initial params on host, tokenizer). Precedence: init_checkpoint > hf_path > preset init."""
+    m = cfg.model
+    source = m.init_checkpoint and os.path.join(m.init_checkpoint, "final_hf") or m.hf_path
+    if source:
+        from exprl_jax.models.hf import load_hf
+
+        model_cfg, params = load_hf(source, dtype=m.dtype)
+        tokenizer = load_tokenizer(source if os.path.isfile(os.path.join(source, "tokenizer.json")) else m.tokenizer)
+        return model_cfg, params, tokenizer
+    tokenizer = load_tokenizer(m.tokenizer)
+    presets = {"tiny": ModelConfig.tiny, "qwen3_0_6b": ModelConfig.qwen3_0_6b, "qwen3_1_7b": ModelConfig.qwen3_1_7b,
+               "qwen3_4b": ModelConfig.qwen3_4b, "qwen3_8b": ModelConfig.qwen3_8b}
+    if m.preset not in presets:
+        raise ValueError(f"config.model.preset={m.preset!r}; expected one of {tuple(presets)}")
+    overrides = {k: getattr(m, k) for k in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                            "mlp_dim") if getattr(m, k) > 0}
+    model_cfg = presets[m.preset](dtype=m.dtype, param_dtype=m.param_dtype, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=pad_id(tokenizer), bos_token_id=tokenizer.bos_token_id, **overrides)
+    if model_cfg.vocab_size < len(tokenizer):
+        raise ValueError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(tokenizer)}")
+    return model_cfg, jax.device_get(init_params(model_cfg, jax.random.key(seed))), tokenizer
+
+
+def load_records(cfg: config_lib.ExperimentConfig) -> tuple[list[QARecord], list[QARecord], dict]:
+    d = cfg.data
+    stats: dict = {}
+    if d.source == "toy_addition":
+        from exprl_jax.tasks.toy import addition_records
+
+        train, evals = addition_records(d.num_train or 256, seed=cfg.seed), addition_records(d.num_eval, seed=10_000)
+    elif d.source in ("jsonl", "gsm8k", "math"):
+        if not d.train_path:
+            raise ValueError(f"config.data.train_path is required for data.source={d.source!r}")
+
+        def load(path):
+            if d.source == "gsm8k":
+                return load_gsm8k(path), {}
+            if d.source == "math":
+                from exprl_jax.rewards.answers import extract_answer
+
+                return load_math(path, extract_answer=extract_answer), {}
+            return read_jsonl(path, on_bad_row=d.on_bad_row)
+
+        train, stats = load(d.train_path)
+        evals = load(d.eval_path)[0] if d.eval_path else []
+    elif d.source == "testbed":
+        from exprl_jax.tasks.testbed import testbed_records
+
+        train, evals = testbed_records(cfg)
+    else:
+        raise ValueError(f"config.data.source={d.source!r} is not known")
+    if d.num_train:
+        train = train[:d.num_train]
+    return train, evals[:d.num_eval], stats
+
+
+def step_indices(num_records: int, per_step: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
+    """The data cursor: record indices of step `step` in the endless sequence of per-epoch permutations."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(pos, num_records)
+        order = np.random.default_rng([seed, epoch]).permutation(num_records) if shuffle else np.arange(num_records)
+        out.append(int(order[offset]))
+    return out
+
+
+class Experiment:
+    def __init__(self, cfg: config_lib.ExperimentConfig, workdir: str):
+        self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.spec = METHOD_SPECS[cfg.method]
+
+    # ---- bookkeeping ----
+    def _check_config(self):
+        path = os.path.join(self.workdir, "config.json")
+        current = config_lib.to_dict(self.cfg)
+        if os.path.exists(path):
+            with open(path) as f:
+                previous = json.load(f)
+            changed = config_lib.diff(previous, json.loads(json.dumps(current)))
+            if changed:
+                raise ResumeRefused(f"{self.workdir} holds a run with a different config; differing keys:\n  "
+                                    + "\n  ".join(changed) + "\nUse a new --workdir or the original config.")
+        else:
+            with open(path, "w") as f:
+                json.dump(current, f, indent=1)
+
+    def _truncate_metrics(self, step: int):
+        """After a restore, drop logged rows of steps the restored state has not taken yet."""
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        if os.path.exists(path):
+            rows = [r for r in read_metrics(path) if r["step"] < step]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    # ---- main ----
+    def run(self) -> dict:
+        cfg = self.cfg
+        results_path = os.path.join(self.workdir, "results.json")
+        self._check_config()
+        if os.path.exists(results_path):
+            print(f"{self.workdir}: this run already finished ({cfg.train.steps} steps); nothing to do. "
+                  f"Results: {results_path}", flush=True)
+            with open(results_path) as f:
+                return json.load(f)
+
+        self.mesh = shd.make_mesh(cfg.mesh.shape)
+        self.model_cfg, init_params_host, self.tokenizer = build_model(cfg, cfg.seed)
+        self.eos, self.pad = eos_ids(self.tokenizer), pad_id(self.tokenizer)
+        self.train_records, self.eval_records, data_stats = load_records(cfg)
+        optimizer = make_optimizer(cfg.optim)
+        state, shardings = init_train_state(self.model_cfg, optimizer, jax.random.key(cfg.seed), self.mesh,
+                                            params=init_params_host)
+        # frozen initial policy: the KL reference and the self-distillation teacher (a separate buffer: the
+        # training state is donated every step)
+        self.ref_params = jax.tree.map(jnp.copy, state.params) if self.spec.samples else None
+        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=cfg.train.save_every,
+                            max_to_keep=cfg.train.keep_checkpoints)
+        start = 0
+        latest = ckpt.latest_step()
+        if latest is not None:
+            state, meta = ckpt.restore(latest, abstract_like(state, shardings))
+            start = int(meta["iteration"])
+            if meta["data_cursor"] != step_indices(len(self.train_records), self._per_step(), start, cfg.seed,
+                                                   cfg.data.shuffle)[:1]:
+                raise ResumeRefused(f"checkpoint {latest}: data cursor does not match the data on disk")
+            print(f"resumed from {ckpt.directory} at step {start}", flush=True)
+        self._truncate_metrics(start)
+
+        from exprl_jax.steps import StepRunner
+
+        runner = StepRunner(self, make_train_step(
+            make_loss_fn(cfg.method, self.model_cfg, cfg.loss, cfg.rollout.temperature), optimizer, shardings,
+            self.mesh, batch_ndims(cfg.method)))
+        logger = MetricsLogger(self.workdir, console_every=cfg.train.log_every)
+        results: dict = {"method": cfg.method, "steps": cfg.train.steps, "data": data_stats}
+        if start == 0 and cfg.eval.at_start and self.eval_records:
+            results["eval_start"] = self.evaluate(state.params, logger, step=0, prefix="eval_start")
+        base_key = jax.random.key(cfg.seed + 1)
+        t0 = time.time()
+        for step in range(start, cfg.train.steps):
+            step_key = jax.random.fold_in(base_key, step)
+            indices = step_indices(len(self.train_records), self._per_step(), step, cfg.seed, cfg.data.shuffle)
+            state, metrics = runner.run_step(state, [self.train_records[i] for i in indices], step_key, step)
+            logger.log(step + 1, metrics)
+            next_cursor = step_indices(len(self.train_records), self._per_step(), step + 1, cfg.seed,
+                                       cfg.data.shuffle)[:1]
+            meta = {"iteration": step + 1, "data_cursor": next_cursor, "seed": cfg.seed,
+                    "rng_key_data": np.asarray(jax.random.key_data(jax.random.fold_in(base_key, step + 1))).tolist(),
+                    "optimizer_step": int(state.step)}
+            ckpt.save(step + 1, state, meta, force=step + 1 == cfg.train.steps)
+        runner.close()
+        results["train_seconds"] = time.time() - t0
+        if cfg.eval.at_end and self.eval_records:
+            results["eval_end"] = self.evaluate(state.params, logger, step=cfg.train.steps, prefix="eval_end")
+        self._save_final(state.params)
+        results["params_sha256"] = params_sha256(state.params)
+        ckpt.close()
+        logger.close()
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=1)
+        return results
+
+    def _per_step(self) -> int:
+        return self.cfg.train.batch_size if self.cfg.method == "sft" else self.cfg.rollout.prompts_per_step
+
+    def _save_final(self, params):
+        from exprl_jax.models.hf import save_hf
+
+        out = os.path.join(self.workdir, "final_hf")
+        save_hf(out, self.model_cfg, jax.device_get(params))
+        self.tokenizer.save_pretrained(out)
+
+    def evaluate(self, params, logger, *, step: int, prefix: str) -> dict:
+        from exprl_jax.evaluate import evaluate_policy
+
+        ev = self.cfg.eval
+        report = evaluate_policy(
+            self.model_cfg, params, self.tokenizer, self.eval_records, jax.random.key(self.cfg.seed + 7),
+            num_samples=ev.num_samples, temperature=ev.temperature,
+            max_new_tokens=ev.max_new_tokens or self.cfg.rollout.max_new_tokens, template=self.cfg.data.prompt_template,
+            answer_style=self.cfg.data.answer_style, eos=self.eos, pad=self.pad, mesh=self.mesh,
+            delimiter=self.cfg.process.delimiter)
+        logger.log(step, {f"{prefix}/{k}": v for k, v in report["metrics"].items()}, console=True)
+        return report
+
+
+def deep_copy_config(cfg):
+    return copy.deepcopy(cfg)

@@ -1,0 +1,212 @@
+"""`JudgeReward`: the ExpRL reward function (SPEC §3–4). It renders a judge template per trace (Outcome) or per
+segment (Process), calls the judge backend once per distinct request, reads `Score: N` and returns (N − 1) / 4.
+A failed call or an unparseable answer leaves its rollout unscored (valid=False, with a reason), never 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from exprl_jax.judge.backend import ChatBackend, Completion
+from exprl_jax.judge.parse import format_rubric, parse_score_with_reason, score_to_reward
+from exprl_jax.judge.templates import Template, load_template
+from exprl_jax.rewards.base import RewardBatch, RewardResult
+
+MODES = ("outcome", "process")
+PROCESS_CONTEXTS = ("segment", "prefix")  # the step alone (the authors' code) / y_≤t (the paper's equation)
+# Template slot → template id. A slot is the mode, "process-<context>" for Process, plus "-noref" without reference.
+TEMPLATE_SETS: dict[str, dict[str, str]] = {
+    "math": {"outcome": "outcome", "process-segment": "process-segment", "process-prefix": "process-prefix",
+             "outcome-noref": "outcome-noref", "process-segment-noref": "process-noref",
+             "process-prefix-noref": "process-prefix-noref"},
+    "science": {"outcome": "science-equivalence", "outcome-noref": "outcome-noref"},
+    "code": {"outcome": "code-review"},
+}
+
+
+def select_template(template_set: str | Mapping[str, str | Template], mode: str, process_context: str,
+                    use_reference: bool) -> Template:
+    """The judge template for a mode: `template_set` names an entry of TEMPLATE_SETS or maps slots itself."""
+    slot = mode if mode == "outcome" else f"process-{process_context}"
+    slot += "" if use_reference else "-noref"
+    slots = TEMPLATE_SETS[template_set] if isinstance(template_set, str) else template_set
+    if slot not in slots:
+        raise ValueError(f"template set {template_set!r} has no template for {slot!r} (has {sorted(slots)})")
+    template = slots[slot]
+    template = template if isinstance(template, Template) else load_template(template)
+    if template.kind != "judge":
+        raise ValueError(f"template {template.key} is a {template.kind!r} template, not a judge template")
+    if use_reference != ("reference" in template.fields):
+        raise ValueError(f"template {template.key} does not match use_reference={use_reference}")
+    return template
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verdict:
+    score: int | None  # 1..5, None when unscored
+    reason: str | None  # why unscored
+
+
+class _StepCounter:
+    def __init__(self):
+        self.calls = 0  # backend calls made
+        self.cache_hits = 0
+
+
+class JudgeReward:
+    """RewardFn backed by an LLM judge. `kind` is the mode: "outcome" (one call per rollout, full trace) or
+    "process" (one call per segment; batch.segments must be set).
+
+    `rubrics` maps a problem's text to a stored checkpoint list (from the rubric-builder template); a problem
+    without an entry falls back to the checkpoints the judge pulls from the reference itself.
+    `stats` is reset at the start of every `score` call, so its metrics describe that step.
+    """
+
+    def __init__(self, backend: ChatBackend, *, mode: str = "outcome", process_context: str = "segment",
+                 template_set: str | Mapping[str, str | Template] = "math", cache=None, stats=None,
+                 rubrics: Mapping[str, Sequence[str]] | None = None, use_reference: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if process_context not in PROCESS_CONTEXTS:
+            raise ValueError(f"process_context must be one of {PROCESS_CONTEXTS}, got {process_context!r}")
+        self.template = select_template(template_set, mode, process_context, use_reference)
+        if rubrics is not None and "rubric" not in self.template.fields + self.template.optional:
+            raise ValueError(f"template {self.template.key} takes no rubric (a stored rubric comes from the "
+                             "reference, so no-reference templates cannot use one)")
+        self.backend, self.kind, self.process_context = backend, mode, process_context
+        self.cache, self.stats, self.use_reference = cache, stats, use_reference
+        self.rubrics = {problem: format_rubric(list(items)) for problem, items in (rubrics or {}).items()}
+        self._in_flight: dict[str, asyncio.Task] = {}  # request id → its running judge call
+
+    async def score(self, batch: RewardBatch) -> RewardResult:
+        if self.kind == "process" and batch.segments is None:
+            raise ValueError("Process rewards need batch.segments (see exprl_jax.judge.segment.segment_batch)")
+        if self.stats is not None:
+            self.stats.reset()
+        n = len(batch.responses)
+        requests: dict[str, dict[str, str]] = {}  # request id → its fields; identical requests are judged once
+        row_requests: list[list[str]] = [[] for _ in range(n)]  # [N][1 or S_i] request ids
+        for i in range(n):
+            if batch.truncated[i]:
+                continue  # SPEC §4 Overlong: reward 0 without a judge call
+            for trace in self._traces(batch, i):
+                fields = self._request_fields(batch.problems[i], batch.references[i], trace)
+                request_id = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+                requests.setdefault(request_id, fields)
+                row_requests[i].append(request_id)
+        counter = _StepCounter()
+        verdicts = await asyncio.gather(*(self._judge(rid, fields, counter) for rid, fields in requests.items()))
+        verdict_of = dict(zip(requests, verdicts))
+
+        valid = np.zeros(n, dtype=bool)
+        reasons: list[str | None] = [None] * n
+        row_scores = []  # one reward per row: Outcome s, Process mean s_t (for the metrics)
+        if self.kind == "outcome":
+            scores = np.full(n, np.nan)
+            for i in range(n):
+                if batch.truncated[i]:
+                    valid[i], scores[i] = True, 0.0
+                else:
+                    verdict = verdict_of[row_requests[i][0]]
+                    valid[i], reasons[i] = verdict.score is not None, verdict.reason
+                    if valid[i]:
+                        scores[i] = score_to_reward(verdict.score)
+                if valid[i]:
+                    row_scores.append(float(scores[i]))
+            result = RewardResult(valid=valid, scores=scores, reasons=reasons)
+        else:
+            segment_scores: list[np.ndarray | None] = [None] * n
+            for i in range(n):
+                if batch.truncated[i]:
+                    segment_scores[i] = np.zeros(len(batch.segments[i]))
+                elif not row_requests[i]:
+                    reasons[i] = "no_segments"  # an empty response: nothing to judge or to credit
+                else:
+                    row_verdicts = [verdict_of[rid] for rid in row_requests[i]]
+                    failed = [v.reason for v in row_verdicts if v.score is None]
+                    if failed:  # one unscored segment leaves the whole rollout unscored
+                        reasons[i] = failed[0]
+                    else:
+                        segment_scores[i] = np.array([score_to_reward(v.score) for v in row_verdicts])
+                valid[i] = segment_scores[i] is not None
+                if valid[i] and len(segment_scores[i]):
+                    row_scores.append(float(segment_scores[i].mean()))
+            result = RewardResult(valid=valid, segment_scores=segment_scores, reasons=reasons)
+        result.metrics = self._metrics(counter, row_scores, valid)
+        return result
+
+    def _traces(self, batch: RewardBatch, i: int) -> list[str]:
+        """What the judge sees for row i: the full response, or per segment the step alone / the prefix y_≤t."""
+        if self.kind == "outcome":
+            return [batch.responses[i]]
+        texts = [span.text for span in batch.segments[i]]
+        if self.process_context == "segment":
+            return texts
+        return ["".join(texts[:t + 1]) for t in range(len(texts))]
+
+    def _request_fields(self, problem: str, reference: str, trace: str) -> dict[str, str]:
+        """Everything that determines the judge's answer: the cache key is made of exactly these."""
+        rubric = self.rubrics.get(problem, "")
+        return {"template": self.template.key, "model": self.backend.model,
+                "decoding": json.dumps(self.backend.decoding, sort_keys=True), "problem": problem,
+                "reference": reference if self.use_reference else "", "trace": trace, "rubric": rubric}
+
+    async def _judge(self, request_id: str, fields: dict[str, str], counter: _StepCounter) -> _Verdict:
+        """Judges one request; a concurrent `score` call asking for the same request waits on the same call."""
+        task = self._in_flight.get(request_id)
+        if task is None:
+            task = asyncio.ensure_future(self._judge_uncached(fields, counter))
+            self._in_flight[request_id] = task
+            task.add_done_callback(lambda _: self._in_flight.pop(request_id, None))
+        # shield: a cancelled waiter must not cancel the call that other waiters share
+        return await asyncio.shield(task)
+
+    async def _judge_uncached(self, fields: dict[str, str], counter: _StepCounter) -> _Verdict:
+        cache_key = self.cache.key(**fields) if self.cache is not None else None
+        if cache_key is not None:
+            cached_text = self.cache.get(cache_key)
+            score = parse_score_with_reason(cached_text)[0] if cached_text is not None else None
+            if score is not None:  # only parsed answers are ever stored, but a stored entry is re-checked
+                counter.cache_hits += 1
+                if self.stats is not None:
+                    self.stats.record(Completion(text=cached_text), cached=True, unscored_reason=None)
+                return _Verdict(score, None)
+        values = {"problem": fields["problem"], "trace": fields["trace"]}
+        if self.use_reference:
+            values["reference"] = fields["reference"]
+        if fields["rubric"]:
+            values["rubric"] = fields["rubric"]
+        messages = self.template.render(**values)  # a fresh fence marker for every call
+        counter.calls += 1
+        completion = await self.backend.complete(messages)
+        parse_reason = None  # for a failed call JudgeStats falls back to completion.reason ("timeout", ...)
+        if completion.text is None:
+            score, reason = None, f"judge_failed:{completion.reason or 'unknown'}"
+        else:
+            score, parse_reason = parse_score_with_reason(completion.text)
+            reason = None if score is not None else f"unparseable:{parse_reason}"
+        if self.stats is not None:
+            self.stats.record(completion, cached=False, unscored_reason=parse_reason)
+        if score is not None and cache_key is not None:
+            self.cache.put(cache_key, completion.text)
+        return _Verdict(score, reason)
+
+    def _metrics(self, counter: _StepCounter, row_scores: list[float], valid: np.ndarray) -> dict[str, float]:
+        metrics = dict(self.stats.metrics()) if self.stats is not None else {}
+        rewards = np.asarray(row_scores, dtype=np.float64)
+        metrics.update({
+            "judge/calls_per_step": float(counter.calls),
+            "judge/cache_hits_per_step": float(counter.cache_hits),
+            "reward/mean": float(rewards.mean()) if rewards.size else float("nan"),
+            "reward/std": float(rewards.std()) if rewards.size else float("nan"),
+            "reward/unscored_frac": float(1.0 - valid.mean()) if valid.size else 0.0,
+        })
+        return metrics
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()

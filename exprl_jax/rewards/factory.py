@@ -1,0 +1,54 @@
+"""Builds the reward function a config asks for: the sparse answer check, or a judge (Outcome / Process)
+behind the configured backend, with its cache under the workdir."""
+from __future__ import annotations
+
+import os
+
+from exprl_jax.methods import METHOD_SPECS
+
+
+def make_judge_backend(judge_cfg, tokenizer=None):
+    if judge_cfg.backend == "programmatic":
+        from exprl_jax.judge.programmatic import ProgrammaticBackend
+
+        return ProgrammaticBackend()
+    if judge_cfg.backend == "openai":
+        from exprl_jax.judge.client import JudgeClientConfig, OpenAIChatClient
+
+        if not judge_cfg.base_url or not judge_cfg.model:
+            raise ValueError("config.judge.base_url and config.judge.model are required for judge.backend='openai'")
+        return OpenAIChatClient(JudgeClientConfig(
+            base_url=judge_cfg.base_url, model=judge_cfg.model, api_key_env=judge_cfg.api_key_env or None,
+            max_tokens=judge_cfg.max_tokens, max_concurrency=judge_cfg.max_concurrency,
+            requests_per_minute=judge_cfg.requests_per_minute or None,
+            tokens_per_minute=judge_cfg.tokens_per_minute or None, timeout_s=judge_cfg.timeout_s,
+            max_retries=judge_cfg.max_retries))
+    if judge_cfg.backend == "local":
+        from exprl_jax.judge.local import LocalBackend
+
+        return LocalBackend.from_hf(judge_cfg.model, max_tokens=judge_cfg.max_tokens)
+    raise ValueError(f"config.judge.backend={judge_cfg.backend!r}; expected 'openai', 'local' or 'programmatic'")
+
+
+def make_reward_fn(cfg, workdir: str, tokenizer=None, records=()):
+    kind = METHOD_SPECS[cfg.method].reward
+    if kind == "sparse":
+        from exprl_jax.rewards.sparse import SparseReward
+
+        return SparseReward(style=cfg.data.answer_style)
+    if kind in ("judge_outcome", "judge_process"):
+        from exprl_jax.judge import JudgeCache, JudgeStats
+        from exprl_jax.judge.reward import JudgeReward
+
+        j = cfg.judge
+        rubrics = None
+        if j.rubric_path:
+            from exprl_jax.judge.rubric import load_rubrics
+
+            rubrics = load_rubrics(j.rubric_path)
+        return JudgeReward(
+            make_judge_backend(j, tokenizer), mode="outcome" if kind == "judge_outcome" else "process",
+            process_context=cfg.process.context,
+            cache=JudgeCache(os.path.join(workdir, "judge_cache")) if j.cache else None, stats=JudgeStats(),
+            rubrics=rubrics, use_reference=j.use_reference)
+    raise ValueError(f"method {cfg.method!r} has no reward function")

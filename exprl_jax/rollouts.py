@@ -1,0 +1,113 @@
+"""Host side of one RL step: prompts -> sampled rollouts -> (rewards, advantages) -> update-batch arrays.
+
+Everything here is numpy around two jitted calls (the sampler and a log-prob scorer). Rows are prompt-major:
+rollout i belongs to prompt i // G.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from exprl_jax import sharding as shd
+from exprl_jax.data import QARecord, build_prompt
+from exprl_jax.methods import response_logits
+from exprl_jax.models.config import ModelConfig
+from exprl_jax.models.transformer import logprobs_of
+from exprl_jax.sampling import generate, pad_prompts
+
+
+@dataclasses.dataclass
+class Rollouts:
+    records: list[QARecord]  # [B] the step's problems
+    group_size: int  # G
+    prompt_tokens: np.ndarray  # [N, P] int32, left-padded
+    prompt_mask: np.ndarray  # [N, P] int32
+    tokens: np.ndarray  # [N, R] int32 generated tokens (pad after the end)
+    logprobs: np.ndarray  # [N, R] float32 sampling log-probs (0 after the end)
+    lengths: np.ndarray  # [N] int32
+    truncated: np.ndarray  # [N] bool
+    texts: list[str]  # [N] decoded responses (EOS stripped)
+
+    @property
+    def response_mask(self) -> np.ndarray:  # [N, R] float32
+        return (np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]).astype(np.float32)
+
+    def row_records(self) -> list[QARecord]:  # [N]
+        return [r for r in self.records for _ in range(self.group_size)]
+
+
+def encode_prompts(tokenizer, records: Sequence[QARecord], template: str) -> list[list[int]]:
+    prompts = [tokenizer.encode(build_prompt(r, template), add_special_tokens=False) for r in records]
+    for r, p in zip(records, prompts):
+        if not p:
+            raise ValueError(f"record {r.id}: the prompt encodes to zero tokens")
+    return prompts
+
+
+def decode_responses(tokenizer, tokens: np.ndarray, lengths: np.ndarray, eos: Sequence[int]) -> list[str]:
+    out = []
+    for row, n in zip(tokens, lengths):
+        ids = [int(t) for t in row[:n]]
+        if ids and ids[-1] in eos:
+            ids = ids[:-1]
+        out.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return out
+
+
+def sample_rollouts(model_cfg: ModelConfig, params, tokenizer, records: Sequence[QARecord], rng, *, rollout_cfg,
+                    template: str, eos: Sequence[int], pad: int, mesh=None, num_samples: int | None = None,
+                    temperature: float | None = None, max_new_tokens: int | None = None) -> Rollouts:
+    prompts = encode_prompts(tokenizer, records, template)
+    G = num_samples or rollout_cfg.group_size
+    out = generate(model_cfg, params, prompts, rng, max_new_tokens=max_new_tokens or rollout_cfg.max_new_tokens,
+                   num_samples=G, temperature=rollout_cfg.temperature if temperature is None else temperature,
+                   top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, eos_ids=eos, pad_id=pad, mesh=mesh).to_numpy()
+    prompt_tokens, prompt_mask = pad_prompts(prompts, pad)
+    return Rollouts(records=list(records), group_size=G, prompt_tokens=np.repeat(prompt_tokens, G, axis=0),
+                    prompt_mask=np.repeat(prompt_mask, G, axis=0), tokens=out.tokens, logprobs=out.logprobs,
+                    lengths=out.lengths, truncated=out.truncated,
+                    texts=decode_responses(tokenizer, out.tokens, out.lengths, eos))
+
+
+def sequence_batch(prompt_tokens, prompt_mask, tokens, response_mask) -> dict[str, np.ndarray]:
+    """Prompt + response as one [N, P+R] sequence with its attention mask."""
+    return {
+        "tokens": np.concatenate([prompt_tokens, tokens], axis=1).astype(np.int32),
+        "attention_mask": np.concatenate([prompt_mask, response_mask.astype(np.int32)], axis=1),
+        "response_mask": response_mask.astype(np.float32),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "temperature", "mesh"))
+def _score(params, batch, *, model_cfg, temperature, mesh):
+    with shd.use_mesh(mesh):
+        logits, targets = response_logits(model_cfg, params, batch, temperature)
+        return logprobs_of(logits, targets) * batch["response_mask"]
+
+
+def score_responses(model_cfg: ModelConfig, params, batch: dict, temperature: float, mesh=None,
+                    chunk: int = 0) -> np.ndarray:
+    """Teacher-forced log-probs [N, R] of the response tokens (reference policy, or a teacher), 0 off the mask.
+    `chunk` > 0 scores that many rows at a time to bound activation memory."""
+    n = batch["tokens"].shape[0]
+    chunk = chunk or n
+    outs = []
+    for start in range(0, n, chunk):
+        part = {k: v[start:start + chunk] for k, v in batch.items()}
+        part = shd.shard_batch(part, mesh) if mesh is not None else part
+        outs.append(np.asarray(jax.device_get(
+            _score(params, part, model_cfg=model_cfg, temperature=float(temperature), mesh=mesh))))
+    return np.concatenate(outs, axis=0)
+
+
+def minibatches(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    """Splits the step batch into consecutive mini-batches of `size` rows (size must divide N)."""
+    n = next(iter(batch.values())).shape[0]
+    size = size or n
+    if n % size:
+        raise ValueError(f"ppo_mini_batch_size={size} does not divide the step's {n} rollouts")
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]

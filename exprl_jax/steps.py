@@ -1,0 +1,177 @@
+"""One training step per method, on the host: build the update batch (sample, score, advantages), then run the
+jitted update on each mini-batch. The same runner serves every method; only the batch recipe differs.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from exprl_jax import advantages as adv_lib
+from exprl_jax import sharding as shd
+from exprl_jax.data import QARecord, build_prompt
+from exprl_jax.rewards.answers import check_answers, extract_answer
+from exprl_jax.rewards.base import RewardBatch, score_sync
+from exprl_jax.rewards.sparse import no_correct_frac
+from exprl_jax.rollouts import (Rollouts, encode_prompts, minibatches, sample_rollouts, score_responses,
+                                sequence_batch)
+from exprl_jax.sampling import pad_prompts
+
+
+def sft_batch(records: list[QARecord], tokenizer, *, seq_len: int, template: str, eos: int, pad: int):
+    """(problem prompt -> reference + EOS) sequences, right-padded/truncated to seq_len; loss on reference tokens."""
+    tokens = np.full((len(records), seq_len), pad, np.int32)
+    attention = np.zeros((len(records), seq_len), np.int32)
+    loss_mask = np.zeros((len(records), seq_len - 1), np.float32)
+    truncated = 0
+    for i, r in enumerate(records):
+        prompt = tokenizer.encode(build_prompt(r, template), add_special_tokens=False)
+        target = tokenizer.encode(r.reference, add_special_tokens=False) + [eos]
+        seq = (prompt + target)[:seq_len]
+        truncated += len(prompt) + len(target) > seq_len
+        tokens[i, :len(seq)] = seq
+        attention[i, :len(seq)] = 1
+        loss_mask[i, len(prompt) - 1:len(seq) - 1] = 1.0  # entry t scores token t+1
+    return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}, {
+        "data/truncated_frac": truncated / len(records)}
+
+
+def prompt_messages_text(tokenizer, messages: list[dict]) -> str:
+    """A policy-side prompt from chat messages: the tokenizer's chat template when it has one, else the contents."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages) + "\n"
+
+
+class StepRunner:
+    def __init__(self, exp, update_fn):
+        self.exp, self.cfg, self.update_fn = exp, exp.cfg, update_fn
+        self.reward_fn = None
+        if exp.spec.reward is not None:
+            from exprl_jax.rewards.factory import make_reward_fn
+
+            self.reward_fn = make_reward_fn(self.cfg, exp.workdir, exp.tokenizer, exp.train_records)
+        if exp.spec.teacher:
+            from exprl_jax.judge.templates import load_template
+
+            self.teacher_template = load_template("self-distill-teacher")
+
+    def close(self):
+        close = getattr(self.reward_fn, "close", None)
+        if close is not None:
+            close()
+
+    # ---- per-method batches ----
+    def run_step(self, state, records: list[QARecord], key, step: int):
+        times, metrics = {}, {}
+        t = time.time()
+        if self.cfg.method == "sft":
+            batch, metrics = sft_batch(records, self.exp.tokenizer, seq_len=self.cfg.train.seq_len,
+                                       template=self.cfg.data.prompt_template, eos=self.exp.eos[0], pad=self.exp.pad)
+            times["time/batch_s"] = time.time() - t
+        else:
+            sample_key, key = jax.random.split(key)
+            rollouts = sample_rollouts(self.exp.model_cfg, state.params, self.exp.tokenizer, records, sample_key,
+                                       rollout_cfg=self.cfg.rollout, template=self.cfg.data.prompt_template,
+                                       eos=self.exp.eos, pad=self.exp.pad, mesh=self.exp.mesh)
+            times["time/sample_s"] = time.time() - t
+            t = time.time()
+            metrics.update(self._rollout_metrics(rollouts))
+            if self.exp.spec.teacher:
+                batch = self._distill_batch(rollouts)
+            else:
+                batch, reward_metrics = self._rl_batch(rollouts)
+                metrics.update(reward_metrics)
+            times["time/reward_s"] = time.time() - t
+        t = time.time()
+        state, update_metrics = self._update(state, batch, key)
+        times["time/update_s"] = time.time() - t
+        return state, {**metrics, **update_metrics, **times}
+
+    def _rollout_metrics(self, r: Rollouts) -> dict:
+        records = r.row_records()
+        preds = [extract_answer(t, style=self.cfg.data.answer_style) for t in r.texts]
+        checks = check_answers(preds, [rec.answer for rec in records])
+        correct = np.array([c.correct for c in checks]) & ~r.truncated
+        return {"reward/sparse_acc": correct.mean(), "reward/no_correct_frac": no_correct_frac(correct, r.group_size),
+                "response/length_mean": r.lengths.mean(), "response/length_max": r.lengths.max(),
+                "response/truncated_frac": r.truncated.mean()}
+
+    def _rl_batch(self, r: Rollouts):
+        cfg = self.cfg
+        records = r.row_records()
+        segments = None
+        if self.reward_fn.kind == "process":
+            from exprl_jax.judge.segment import segment_batch
+
+            segments = segment_batch(r.tokens, r.lengths, self._decode, cfg.process.delimiter)
+        reward_batch = RewardBatch(problems=[x.problem for x in records], references=[x.reference for x in records],
+                                   answers=[x.answer for x in records], responses=r.texts, truncated=r.truncated,
+                                   group_size=r.group_size, segments=segments)
+        result = score_sync(self.reward_fn, reward_batch)
+        mask = r.response_mask
+        metrics = {**result.metrics, "reward/unscored_frac": 1.0 - result.valid.mean()}
+        if result.scores is not None:
+            scores = np.where(result.valid, result.scores, np.nan)
+            adv_N = adv_lib.grpo(scores, r.group_size, scale_by_std=cfg.loss.scale_by_std, valid=result.valid)
+            adv_NR = adv_N[:, None] * mask
+            valid = result.valid
+            metrics.update({"reward/mean": np.nanmean(scores) if valid.any() else np.nan,
+                            "reward/std": np.nanstd(scores) if valid.any() else np.nan})
+        else:
+            seg_adv = adv_lib.process(result.segment_scores, r.group_size, mode=cfg.process.mode,
+                                      single_segment=cfg.process.single_segment)
+            adv_NR, valid = adv_lib.spread_batch(seg_adv, [s if a is not None else None for s, a in
+                                                           zip(segments, seg_adv)], r.lengths, mask.shape[1])
+            scored = [s for s in result.segment_scores if s is not None]
+            metrics.update(adv_lib.segment_stats([len(s) for s in segments]))
+            metrics["reward/mean"] = float(np.mean([s.mean() for s in scored])) if scored else np.nan
+        mask = mask * valid[:, None]  # an unscored rollout is dropped from the loss, never given reward 0
+        batch = sequence_batch(r.prompt_tokens, r.prompt_mask, r.tokens, mask)
+        batch["old_logprobs"] = r.logprobs * mask
+        batch["advantages"] = adv_NR.astype(np.float32) * mask
+        if cfg.loss.kl_coef:
+            batch["ref_logprobs"] = score_responses(self.exp.model_cfg, self.exp.ref_params, batch,
+                                                    cfg.rollout.temperature, self.exp.mesh)
+        else:
+            batch["ref_logprobs"] = np.zeros_like(batch["old_logprobs"])
+        return batch, metrics
+
+    def _distill_batch(self, r: Rollouts):
+        """Teacher = frozen initial policy conditioned on problem + reference (SPEC §6)."""
+        records = r.row_records()
+        prompts = []
+        for rec in r.records:
+            text = prompt_messages_text(self.exp.tokenizer,
+                                        self.teacher_template.render(problem=rec.problem, reference=rec.reference))
+            prompts.append(self.exp.tokenizer.encode(text, add_special_tokens=False))
+        t_tokens, t_mask = pad_prompts(prompts, self.exp.pad)
+        G = r.group_size
+        teacher_batch = sequence_batch(np.repeat(t_tokens, G, 0), np.repeat(t_mask, G, 0), r.tokens, r.response_mask)
+        teacher_lp = score_responses(self.exp.model_cfg, self.exp.ref_params, teacher_batch,
+                                     self.cfg.rollout.temperature, self.exp.mesh)
+        batch = sequence_batch(r.prompt_tokens, r.prompt_mask, r.tokens, r.response_mask)
+        batch["teacher_logprobs"] = teacher_lp
+        del records
+        return batch
+
+    def _decode(self, ids):
+        return self.exp.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    # ---- the jitted update over mini-batches ----
+    def _update(self, state, batch, key):
+        size = self.cfg.loss.ppo_mini_batch_size if self.cfg.method != "sft" else 0
+        collected = []
+        for i, mini in enumerate(minibatches(batch, size)):
+            mini = shd.shard_batch(mini, self.exp.mesh)
+            state, m = self.update_fn(state, mini, jax.random.fold_in(key, i))
+            collected.append(jax.device_get(m))
+        metrics = {k: float(np.mean([m[k] for m in collected])) for k in collected[0]}
+        if not np.isfinite(metrics["loss/total"]):
+            raise FloatingPointError(f"non-finite loss {metrics['loss/total']} at optimizer step {int(state.step)}")
+        metrics["update/minibatches"] = len(collected)
+        return state, metrics
+
+
+__all__ = ["StepRunner", "sft_batch", "encode_prompts"]
