@@ -13,7 +13,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from exprl_jax.config import ExperimentConfig, from_dict  # noqa: E402
-from exprl_jax.experiment import Experiment  # noqa: E402
+from exprl_jax.experiment import Experiment, enable_compilation_cache  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "experiments", "configs", "default.py"), "Config file.", lock_config=True)
@@ -23,6 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: work
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # keep the console to progress lines (Orbax logs every save at INFO)
+    enable_compilation_cache()
     cfg = from_dict(ExperimentConfig, _CONFIG.value.to_dict())
     workdir = _WORKDIR.value or os.path.join(ROOT, "workdir", cfg.name)
     results = Experiment(cfg, workdir).run()

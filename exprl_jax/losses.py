@@ -76,9 +76,9 @@ def kl_penalty(logprobs, ref_logprobs, kind: str = "k3"):
     With the log-ratio r = ref_logprobs − logprobs:
     - "k1": −r = logprobs − ref. Unbiased in value, but as a *loss* its expected gradient is zero:
       E_π[∇ log π] = 0, so it does not pull π toward π_ref. Do not use it as the penalty (SPEC §5).
-    - "k2": ½ r²; biased, low variance; its gradient is that of the true KL to first order.
+    - "k2": ½ r²; biased in value, but its gradient −r·∇log π has expectation exactly ∇KL(π‖π_ref) on-policy.
     - "k3" (alias "low_var_kl"): exp(r) − r − 1 with r clamped to ±20 and the value clamped to ±10;
-      unbiased, non-negative, low variance. The paper's choice.
+      unbiased in value, never negative, low variance. The paper's choice.
     - "k3+": k3's value in the forward pass, k2's gradient (straight-through: k2 + stop_gradient(k3 − k2)).
     """
     if kind not in KL_KINDS:

@@ -12,12 +12,25 @@ CFG = ModelConfig.tiny()
 # Jitted once per config (a frozen, hashable dataclass); eager Flax dispatch is much slower on 2 shared cores.
 _forward = jax.jit(forward, static_argnums=0)
 _token_logprobs = jax.jit(token_logprobs, static_argnums=0, static_argnames="temperature")
-_init = jax.jit(init_params, static_argnums=0)
+
+
+def random_params(cfg, seed=0, std=0.02):
+    """Params with exactly init_params' tree, shapes and dtypes, drawn with numpy (compiling the jax initialiser
+    costs seconds per config). Norm scales are 1 ± 0.1 and biases nonzero, so a dropped scale or bias shows."""
+    shapes = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(seed)
+
+    def one(path, s):
+        base = 1.0 if path[-1].key == "scale" else 0.0
+        scale = 0.1 if path[-1].key == "scale" else std
+        return jnp.asarray(base + scale * rng.standard_normal(s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, shapes)
 
 
 @pytest.fixture(scope="module")
 def params():
-    return _init(CFG, jax.random.PRNGKey(0))
+    return random_params(CFG)
 
 
 def _tokens(seed, shape, vocab=CFG.vocab_size):
@@ -183,15 +196,9 @@ def test_token_logprobs_match_log_softmax_of_forward(params, temperature):
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(logprobs_of(logits[:, :-1], tokens[:, 1:], temperature)), expected,
                                atol=1e-5, rtol=0)
-
-
-def test_token_logprobs_temperature_is_not_ignored(params):
-    tokens = _tokens(5, (2, 6))
-    t1 = np.asarray(_token_logprobs(CFG, params, tokens))
-    t2 = np.asarray(_token_logprobs(CFG, params, tokens, temperature=2.0))
-    # at T=2 the distribution flattens towards uniform log(1/256) = -5.545
-    assert np.all(np.abs(t2 - np.log(1 / 256)) < np.abs(t1 - np.log(1 / 256)) + 1e-6)
-    assert np.max(np.abs(t1 - t2)) > 1e-4
+    at_t1 = np.take_along_axis(_log_softmax_np(logits[:, :-1]), tokens[:, 1:, None], axis=-1)[..., 0]
+    if temperature != 1.0:  # the temperature must matter by far more than the tolerance
+        assert np.max(np.abs(at_t1 - expected)) > 1e-3
 
 
 # ---------------------------------------------------------------- dtypes
@@ -210,8 +217,9 @@ def test_bf16_compute_returns_fp32_logits_close_to_fp32(params):
 
 def test_bf16_params_are_stored_as_bf16():
     cfg16 = ModelConfig.tiny(param_dtype="bfloat16")
-    p = _init(cfg16, jax.random.PRNGKey(0))
-    assert {x.dtype for x in jax.tree.leaves(p)} == {jnp.dtype(jnp.bfloat16)}
+    shapes = jax.eval_shape(lambda r: init_params(cfg16, r), jax.random.PRNGKey(0))
+    assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.bfloat16)}
+    p = random_params(cfg16)
     logits = _forward(cfg16, p, _tokens(0, (2, 6)))
     assert logits.dtype == jnp.float32
 
@@ -220,7 +228,7 @@ def test_bf16_params_are_stored_as_bf16():
 def test_tied_embeddings_have_no_lm_head(params):
     assert "lm_head" in params and params["lm_head"].shape == (CFG.d_model, CFG.vocab_size)
     tied_cfg = ModelConfig.tiny(tie_embeddings=True)
-    tied = _init(tied_cfg, jax.random.PRNGKey(0))
+    tied = random_params(tied_cfg)
     assert "lm_head" not in tied
     # Tied logits are the final hidden state times embed.T: changing the embedding of one id moves its logit.
     tokens = _tokens(7, (2, 6))
@@ -256,7 +264,7 @@ def test_optional_attention_parameters(qkv_bias, o_bias, qk_norm):
 
 def test_attention_biases_are_used(params):
     cfg = ModelConfig.tiny(qkv_bias=True, o_bias=True)
-    p = _init(cfg, jax.random.PRNGKey(0))
+    p = random_params(cfg)
     tokens = _tokens(8, (2, 6))
     base = np.asarray(_forward(cfg, p, tokens))
     for name in ("q_bias", "k_bias", "v_bias", "o_bias"):

@@ -127,11 +127,9 @@ class TokenBucket:
         self.level = min(self.burst, self.level + amount)
 
 
-def _per_minute_bucket(per_minute: float | None, smallest_burst: float) -> TokenBucket | None:
+def _per_minute_bucket(per_minute: float | None) -> TokenBucket | None:
     # A burst of one second's budget: enough to start a batch at once without front-loading a whole minute.
-    if per_minute is None:
-        return None
-    return TokenBucket(per_minute / 60.0, max(smallest_burst, per_minute / 60.0))
+    return None if per_minute is None else TokenBucket(per_minute / 60.0, max(1.0, per_minute / 60.0))
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
@@ -210,9 +208,10 @@ class OpenAIChatClient:
         self._api_key = read_api_key(config.api_key_env)
         self._url = config.base_url.rstrip("/") + "/chat/completions"
         self._rng = rng or random.Random()
-        self._requests_bucket = _per_minute_bucket(config.requests_per_minute, 1.0)
-        self._tokens_bucket = _per_minute_bucket(config.tokens_per_minute, 1.0)
+        self._requests_bucket = _per_minute_bucket(config.requests_per_minute)
+        self._tokens_bucket = _per_minute_bucket(config.tokens_per_minute)
         self._resources: _LoopResources | None = None
+        self._ssl_context = None  # built once, on first use: each httpx client would otherwise load the CA bundle
 
     def __repr__(self) -> str:
         auth = f"key from ${self.config.api_key_env}" if self._api_key else "no key"
@@ -225,11 +224,13 @@ class OpenAIChatClient:
         loop = asyncio.get_running_loop()
         if self._resources is None or self._resources.loop is not loop:
             headers = {"Authorization": f"Bearer {self._api_key.reveal()}"} if self._api_key else {}
+            if self._ssl_context is None:
+                self._ssl_context = httpx.create_ssl_context()
             limit = self.config.max_concurrency
             sizes = [min(CONNECTIONS_PER_POOL, limit - first) for first in range(0, limit, CONNECTIONS_PER_POOL)]
             pools = [httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.config.timeout_s),
-                                       limits=httpx.Limits(max_connections=size, max_keepalive_connections=size))
-                     for size in sizes]
+                                       limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                                       verify=self._ssl_context) for size in sizes]
             self._resources = _LoopResources(loop, asyncio.Semaphore(limit), pools, sizes)
             self._resources.closer = _close_at_loop_shutdown(pools)
             await self._resources.closer.asend(None)  # runs to the `yield`, which registers it with the loop

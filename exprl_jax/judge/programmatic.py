@@ -82,15 +82,24 @@ def step_score(v: Verdict, new_established: int) -> int:
     return 3 if v.established else 2
 
 
+def _split_last_step(prefix: str, delimiter: str) -> tuple[str, str]:
+    """(text before the last step, the last step) of a prefix that ends with (or without) a delimiter."""
+    body = prefix[:-len(delimiter)] if prefix.endswith(delimiter) else prefix
+    cut = body.rfind(delimiter)
+    return (prefix[:cut + len(delimiter)], prefix[cut + len(delimiter):]) if cut >= 0 else ("", prefix)
+
+
 class ProgrammaticBackend:
     """ChatBackend grading from checkpoints. `checkpoints` maps a reference text to its (name, value) list; by
     default they are read from the reference itself (`checkpoints_of`)."""
 
     model = "programmatic-v1"
     decoding: dict = {}
+    wants_fields = True  # JudgeReward passes the request's fields in `meta`
 
-    def __init__(self, checkpoints: Mapping[str, Sequence[tuple[str, str]]] | None = None):
+    def __init__(self, checkpoints: Mapping[str, Sequence[tuple[str, str]]] | None = None, delimiter: str = "###"):
         self.checkpoints = dict(checkpoints or {})
+        self.delimiter = delimiter
         self.calls = 0
 
     async def complete(self, messages, *, meta: Mapping | None = None) -> Completion:
@@ -102,13 +111,14 @@ class ProgrammaticBackend:
         cps = self.checkpoints.get(reference) or checkpoints_of(reference)
         answer = extract_answer(reference, style="boxed")
         trace = fields.get("trace") or ""
-        if template.startswith("process"):
-            step = fields.get("step", trace)
-            before = trace[:len(trace) - len(step)] if trace.endswith(step) and step is not trace else ""
+        if template.startswith("process-prefix"):  # the trace is y_<=t: the step is its last delimited part
+            before, step = _split_last_step(trace, self.delimiter)
             v = verify(step, cps, answer)
-            earlier = verify(before, cps, answer).established if before else 0
-            new = max(verify(trace, cps, answer).established - earlier, 0) if before else v.established
-            score = step_score(v, new)
+            new = verify(trace, cps, answer).established - verify(before, cps, answer).established
+            score = step_score(v, max(new, 0))
+        elif template.startswith("process"):  # the step alone: any checkpoint it establishes counts as new
+            v = verify(trace, cps, answer)
+            score = step_score(v, v.established)
         else:
             v = verify(trace, cps, answer)
             score = outcome_score(v)

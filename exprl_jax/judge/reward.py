@@ -84,6 +84,7 @@ class JudgeReward:
         self._in_flight: dict[str, asyncio.Task] = {}  # request id → its running judge call
 
     async def score(self, batch: RewardBatch) -> RewardResult:
+        """Judges every rollout (Outcome) or segment (Process) of the batch except Overlong ones, concurrently."""
         if self.kind == "process" and batch.segments is None:
             raise ValueError("Process rewards need batch.segments (see exprl_jax.judge.segment.segment_batch)")
         if self.stats is not None:
@@ -102,43 +103,46 @@ class JudgeReward:
         counter = _StepCounter()
         verdicts = await asyncio.gather(*(self._judge(rid, fields, counter) for rid, fields in requests.items()))
         verdict_of = dict(zip(requests, verdicts))
-
-        valid = np.zeros(n, dtype=bool)
-        reasons: list[str | None] = [None] * n
-        row_scores = []  # one reward per row: Outcome s, Process mean s_t (for the metrics)
-        if self.kind == "outcome":
-            scores = np.full(n, np.nan)
-            for i in range(n):
-                if batch.truncated[i]:
-                    valid[i], scores[i] = True, 0.0
-                else:
-                    verdict = verdict_of[row_requests[i][0]]
-                    valid[i], reasons[i] = verdict.score is not None, verdict.reason
-                    if valid[i]:
-                        scores[i] = score_to_reward(verdict.score)
-                if valid[i]:
-                    row_scores.append(float(scores[i]))
-            result = RewardResult(valid=valid, scores=scores, reasons=reasons)
-        else:
-            segment_scores: list[np.ndarray | None] = [None] * n
-            for i in range(n):
-                if batch.truncated[i]:
-                    segment_scores[i] = np.zeros(len(batch.segments[i]))
-                elif not row_requests[i]:
-                    reasons[i] = "no_segments"  # an empty response: nothing to judge or to credit
-                else:
-                    row_verdicts = [verdict_of[rid] for rid in row_requests[i]]
-                    failed = [v.reason for v in row_verdicts if v.score is None]
-                    if failed:  # one unscored segment leaves the whole rollout unscored
-                        reasons[i] = failed[0]
-                    else:
-                        segment_scores[i] = np.array([score_to_reward(v.score) for v in row_verdicts])
-                valid[i] = segment_scores[i] is not None
-                if valid[i] and len(segment_scores[i]):
-                    row_scores.append(float(segment_scores[i].mean()))
-            result = RewardResult(valid=valid, segment_scores=segment_scores, reasons=reasons)
-        result.metrics = self._metrics(counter, row_scores, valid)
+        assemble = self._outcome_result if self.kind == "outcome" else self._process_result
+        result, row_rewards = assemble(batch, [[verdict_of[rid] for rid in ids] for ids in row_requests])
+        result.metrics = self._metrics(counter, row_rewards, result.valid)
         return result
+
+    @staticmethod
+    def _outcome_result(batch: RewardBatch, row_verdicts: list[list[_Verdict]]) -> tuple[RewardResult, list[float]]:
+        """One reward per rollout; NaN and a reason where unscored. Also returns the valid rows' rewards."""
+        n = len(row_verdicts)
+        valid, scores, reasons = np.zeros(n, dtype=bool), np.full(n, np.nan), [None] * n
+        for i, verdicts in enumerate(row_verdicts):
+            if batch.truncated[i]:
+                valid[i], scores[i] = True, 0.0  # SPEC §4 Overlong
+            elif verdicts[0].score is None:
+                reasons[i] = verdicts[0].reason
+            else:
+                valid[i], scores[i] = True, score_to_reward(verdicts[0].score)
+        result = RewardResult(valid=valid, scores=scores, reasons=reasons)
+        return result, [float(s) for s in scores[valid]]
+
+    @staticmethod
+    def _process_result(batch: RewardBatch, row_verdicts: list[list[_Verdict]]) -> tuple[RewardResult, list[float]]:
+        """One reward per segment; a rollout with any unscored segment is unscored as a whole (its first failing
+        segment's reason). Also returns each valid rollout's mean segment reward."""
+        n = len(row_verdicts)
+        segment_scores: list[np.ndarray | None] = [None] * n
+        reasons: list[str | None] = [None] * n
+        for i, verdicts in enumerate(row_verdicts):
+            failed = [v.reason for v in verdicts if v.score is None]
+            if batch.truncated[i]:
+                segment_scores[i] = np.zeros(len(batch.segments[i]))  # SPEC §4 Overlong: all-zero
+            elif not verdicts:
+                reasons[i] = "no_segments"  # an empty response: nothing to judge or to credit
+            elif failed:
+                reasons[i] = failed[0]
+            else:
+                segment_scores[i] = np.array([score_to_reward(v.score) for v in verdicts])
+        valid = np.array([s is not None for s in segment_scores], dtype=bool)
+        result = RewardResult(valid=valid, segment_scores=segment_scores, reasons=reasons)
+        return result, [float(s.mean()) for s in segment_scores if s is not None and len(s)]
 
     def _traces(self, batch: RewardBatch, i: int) -> list[str]:
         """What the judge sees for row i: the full response, or per segment the step alone / the prefix y_≤t."""
@@ -183,7 +187,10 @@ class JudgeReward:
             values["rubric"] = fields["rubric"]
         messages = self.template.render(**values)  # a fresh fence marker for every call
         counter.calls += 1
-        completion = await self.backend.complete(messages)
+        if getattr(self.backend, "wants_fields", False):  # a programmatic judge grades the fields, not the prose
+            completion = await self.backend.complete(messages, meta={"template": self.template.id, "fields": values})
+        else:
+            completion = await self.backend.complete(messages)
         parse_reason = None  # for a failed call JudgeStats falls back to completion.reason ("timeout", ...)
         if completion.text is None:
             score, reason = None, f"judge_failed:{completion.reason or 'unknown'}"
@@ -196,9 +203,10 @@ class JudgeReward:
             self.cache.put(cache_key, completion.text)
         return _Verdict(score, reason)
 
-    def _metrics(self, counter: _StepCounter, row_scores: list[float], valid: np.ndarray) -> dict[str, float]:
+    def _metrics(self, counter: _StepCounter, row_rewards: list[float], valid: np.ndarray) -> dict[str, float]:
+        """JudgeStats' metrics for this step, plus calls and the reward over valid rows (Process: per-row mean)."""
         metrics = dict(self.stats.metrics()) if self.stats is not None else {}
-        rewards = np.asarray(row_scores, dtype=np.float64)
+        rewards = np.asarray(row_rewards, dtype=np.float64)
         metrics.update({
             "judge/calls_per_step": float(counter.calls),
             "judge/cache_hits_per_step": float(counter.cache_hits),

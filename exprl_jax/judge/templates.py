@@ -94,9 +94,10 @@ def fence_lines(field: str, token: str) -> tuple[str, str]:
 def neutralise_untrusted(text: str, token: str) -> str:
     """Makes untrusted text safe to put between fence lines (SPEC §9).
 
-    Line breaks of every kind become "\n", so the judge and this code agree on what a line is. The marker token is
-    replaced wherever it occurs. A line that looks like a fence line or contains `score:` gets ESCAPE_PREFIX and
-    has every `<<` / `>>` broken up, so no line inside the fence starts like a fence line or reads as `Score: N`.
+    Line breaks of every kind become a plain newline, so the judge and this code agree on what a line is. The
+    marker token is replaced wherever it occurs. A line that looks like a fence line or contains `score:` gets
+    ESCAPE_PREFIX and has every `<<` / `>>` broken up, so no line inside the fence starts like a fence line or
+    reads as `Score: N`.
     """
     out = []
     for line in text.splitlines():

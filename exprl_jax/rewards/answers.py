@@ -29,7 +29,6 @@ _CHECKER_FAILURES = ("timeout", "worker_error", "gold_parse_error")
 _STARTUP_TIMEOUT_S = 120.0  # a fresh worker imports sympy; generous because the 2 cores may be busy
 
 
-
 def _braced(text: str, open_idx: int) -> str | None:
     """Content of the brace group opening at text[open_idx]; escaped braces (`\\{`) do not count."""
     depth, i = 0, open_idx
@@ -124,37 +123,39 @@ def _compare(pred: str, gold: str) -> tuple[bool, str | None]:
     return False, "not_equivalent"
 
 
+def _limit_cpu(more_s: float) -> None:
+    """Kernel-enforced backstop: SIGXCPU ends this process after `more_s` more CPU seconds, even in a C call."""
+    if resource is None:
+        return
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(usage.ru_utime + usage.ru_stime + more_s) + 1
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
 def _worker_main(read_fd: int, write_fd: int) -> None:
     """Answers (pred, gold, timeout_s) requests until its pipe closes or it reads None.
 
-    The parent enforces the wall-clock deadline. As a backstop each job also gets a CPU-time limit
-    (RLIMIT_CPU; the kernel kills the process even inside a long C call), so a worker whose parent died
-    mid-job does not keep computing.
+    The parent enforces the wall-clock deadline; the per-job CPU limit only makes sure that a worker whose
+    parent died mid-job stops computing.
     """
-    if resource is not None:  # no core file when the CPU limit (SIGXCPU) ends a job
+    if resource is not None:  # no core file when the CPU limit ends a job
         resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     logging.basicConfig(level=logging.ERROR)  # math_verify warns once that its own timeouts are off: intended
     inbox = multiprocessing.connection.Connection(read_fd, writable=False)
     outbox = multiprocessing.connection.Connection(write_fd, readable=False)
     _compare("1", "1")  # import and warm up sympy / the LaTeX parser before announcing readiness
-    outbox.send("ready")
-    while True:
-        try:
-            job = inbox.recv()
-        except EOFError:
-            return
-        if job is None:
-            return
-        pred, gold, timeout_s = job
-        if resource is not None:
-            usage = resource.getrusage(resource.RUSAGE_SELF)
-            soft = int(usage.ru_utime + usage.ru_stime + timeout_s) + 2
-            hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-            resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
-        try:
-            outbox.send(_compare(pred, gold))
-        except Exception as e:  # noqa: BLE001 - reported to the parent as a marked failure
-            outbox.send((False, f"worker_error: {type(e).__name__}"))
+    try:
+        outbox.send("ready")
+        for pred, gold, timeout_s in iter(inbox.recv, None):
+            _limit_cpu(timeout_s + 1.0)
+            try:
+                result = _compare(pred, gold)
+            except Exception as e:  # noqa: BLE001 - reported to the parent as a marked failure
+                result = (False, f"worker_error: {type(e).__name__}")
+            outbox.send(result)
+    except (EOFError, BrokenPipeError):  # the parent is gone
+        return
 
 
 # ---------------------------------------------------------------- parent side
@@ -260,7 +261,7 @@ class _CheckerPool:
 
     def _replace(self, w: _Worker) -> _Worker:
         w.kill()
-        fresh = self._workers[self._workers.index(w)] = _Worker()
+        self._workers[self._workers.index(w)] = fresh = _Worker()
         return fresh
 
 
@@ -277,9 +278,10 @@ def check_answers(
 ) -> list[AnswerCheck]:
     """Checks preds[i] against golds[i] with math_verify (gold first: verify is not symmetric).
 
-    Safe from any thread (calls are serialised on one pool). Each distinct (pred, gold) pair gets its own
-    `timeout_s` deadline, counted from when a worker takes it; so a batch takes at most about
-    ceil(unique / max_workers) * timeout_s. A None or blank pred is "no_answer" without a check.
+    Safe from any thread (calls are serialised on one pool, which grows to the largest max_workers asked
+    for). Each distinct (pred, gold) pair gets its own `timeout_s` deadline, counted from when a worker takes
+    it, so a batch takes at most about ceil(unique / max_workers) * timeout_s. A None or blank pred is
+    "no_answer" without a check. A pair that times out costs its worker, which is replaced (~1 s).
     """
     if len(preds) != len(golds):
         raise ValueError(f"check_answers got {len(preds)} preds and {len(golds)} golds")
