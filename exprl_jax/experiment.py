@@ -132,7 +132,7 @@ class Experiment:
         """After a restore, drop logged rows of steps the restored state has not taken yet."""
         path = os.path.join(self.workdir, "metrics.jsonl")
         if os.path.exists(path):
-            rows = [r for r in read_metrics(path) if r["step"] < step]
+            rows = [r for r in read_metrics(path) if r["step"] <= step]  # row k = state after k steps
             with open(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -177,8 +177,15 @@ class Experiment:
             self.mesh, batch_ndims(cfg.method)))
         logger = MetricsLogger(self.workdir, console_every=cfg.train.log_every)
         results: dict = {"method": cfg.method, "steps": cfg.train.steps, "data": data_stats}
-        if start == 0 and cfg.eval.at_start and self.eval_records:
-            results["eval_start"] = self.evaluate(state.params, logger, step=0, prefix="eval_start")
+        start_eval_path = os.path.join(self.workdir, "eval_start.json")
+        if cfg.eval.at_start and self.eval_records:
+            if start == 0 or not os.path.exists(start_eval_path):
+                results["eval_start"] = self.evaluate(state.params, logger, step=0, prefix="eval_start")
+                with open(start_eval_path, "w") as f:
+                    json.dump(results["eval_start"], f)
+            else:  # resumed: the base evaluation was done before the interruption
+                with open(start_eval_path) as f:
+                    results["eval_start"] = json.load(f)
         base_key = jax.random.key(cfg.seed + 1)
         t0 = time.time()
         for step in range(start, cfg.train.steps):

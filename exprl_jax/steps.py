@@ -12,7 +12,7 @@ from exprl_jax import advantages as adv_lib
 from exprl_jax import sharding as shd
 from exprl_jax.data import QARecord, build_prompt
 from exprl_jax.rewards.answers import check_answers, extract_answer
-from exprl_jax.rewards.base import RewardBatch, score_sync
+from exprl_jax.rewards.base import RewardBatch, Span, score_sync
 from exprl_jax.rewards.sparse import no_correct_frac
 from exprl_jax.rollouts import (Rollouts, encode_prompts, minibatches, sample_rollouts, score_responses,
                                 sequence_batch)
@@ -106,6 +106,8 @@ class StepRunner:
             from exprl_jax.judge.segment import segment_batch
 
             segments = segment_batch(r.tokens, r.lengths, self._decode, cfg.process.delimiter)
+            # a response with no text (EOS only) is still judged, as one empty step, rather than dropped
+            segments = [s if s or not n else [Span("", 0, int(n))] for s, n in zip(segments, r.lengths)]
         reward_batch = RewardBatch(problems=[x.problem for x in records], references=[x.reference for x in records],
                                    answers=[x.answer for x in records], responses=r.texts, truncated=r.truncated,
                                    group_size=r.group_size, segments=segments)
@@ -157,7 +159,8 @@ class StepRunner:
         return batch
 
     def _decode(self, ids):
-        return self.exp.tokenizer.decode(list(ids), skip_special_tokens=False)
+        # special tokens (EOS) decode to "", so a trailing EOS joins the last segment instead of forming one
+        return self.exp.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ---- the jitted update over mini-batches ----
     def _update(self, state, batch, key):

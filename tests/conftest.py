@@ -11,3 +11,29 @@ if "jax" in sys.modules:  # pragma: no cover - guards against a plugin importing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+# A persistent XLA compilation cache shared by the test processes and the subprocesses they start: the same
+# tiny shapes are compiled once per machine instead of once per process.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/exprl_jax/xla-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("EXPRL_JAX_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def smoke_config(**overrides):
+    """The smoke experiment config as a typed ExperimentConfig, with dotted-key overrides ("train.steps": 2)."""
+    import importlib.util
+
+    from exprl_jax.config import ExperimentConfig, from_dict
+
+    spec = importlib.util.spec_from_file_location("smoke", os.path.join(ROOT, "experiments/configs/smoke.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    values = module.get_config().to_dict()
+    for dotted, value in overrides.items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return from_dict(ExperimentConfig, values)

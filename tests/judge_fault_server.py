@@ -34,6 +34,7 @@ class FaultServer:
     `script` entries are fault names or None (a normal answer); once it runs out every request is answered
     normally. `slow` waits `slow_s` (set it above the client's timeout) before answering; every request first
     waits `delay_s`, which lets concurrency build up. close() wakes sleeping handlers and drops open connections.
+    `answer_fn(messages)` runs on the server's handler threads, several at once.
     """
 
     def __init__(self, fault_rate: float = 0.3, seed: int = 0, answer_fn: Callable[[Sequence[dict]], str] | None = None,

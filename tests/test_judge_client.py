@@ -2,7 +2,6 @@
 import asyncio
 import gc
 import math
-import os
 import pickle
 import time
 import warnings

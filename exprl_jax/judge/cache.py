@@ -98,7 +98,7 @@ class JudgeCache:
             record = json.loads(line)
         except ValueError:  # UnicodeDecodeError is a ValueError too
             return False
-        if not (isinstance(record, dict) and isinstance(record.get("key"), str) and isinstance(record.get("text"), str)):
+        if not isinstance(record, dict) or not all(isinstance(record.get(f), str) for f in ("key", "text")):
             return False
         self._answers[record["key"]] = record["text"]
         return True

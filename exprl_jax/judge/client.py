@@ -260,7 +260,7 @@ class OpenAIChatClient:
                 return Completion(outcome.text, None, outcome.prompt_tokens, outcome.completion_tokens,
                                   time.monotonic() - started, attempt)
             if not outcome.retryable or attempt >= self.config.max_retries:
-                log.info("judge call unscored after %d attempt(s): %s", attempt + 1, outcome.reason)
+                log.debug("judge call unscored after %d attempt(s): %s", attempt + 1, outcome.reason)
                 return Completion(None, outcome.reason, latency_s=time.monotonic() - started, retries=attempt)
             delay_s = self._backoff_s(attempt, outcome.retry_after_s)
             log.debug("judge attempt %d failed (%s); retrying in %.3fs", attempt + 1, outcome.reason, delay_s)
