@@ -62,14 +62,15 @@ class RolloutSection:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossSection:
     clip_low: float = 0.2  # SPEC §5 asymmetric clip
-    clip_high: float = 0.28  # 0.28 Outcome, 0.26 Process / sparse GRPO
+    clip_high: float = -1.0  # -1: the method's value, 0.28 Outcome / 0.26 Process, GRPO, Stage II
     dual_clip: float = 3.0  # <= 0 turns dual-clip off
     agg: str = "token-mean"
-    kl_coef: float = 0.001  # KL to the initial policy as a loss term (0 disables the reference pass)
+    kl_coef: float = -1.0  # KL to the initial policy as a loss term; -1: 0.001 for RL methods, 0 for Stage II,
+    #                        SFT and self-distillation (0 also skips the reference forward pass)
     kl_kind: str = "k3"
-    entropy_coef: float = 0.0  # Stage II: 1e-4
+    entropy_coef: float = -1.0  # entropy bonus; -1: 1e-4 for Stage II, else 0
     ppo_mini_batch_size: int = 0  # rollouts per update; 0 = the whole step batch (fully on-policy)
-    scale_by_std: bool = True  # GRPO std normalisation (False for Stage II / Dr.GRPO)
+    scale_by_std: str = "auto"  # GRPO std normalisation: "true", "false" (Stage II / Dr.GRPO) or "auto"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,6 +137,29 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"config.method={self.method!r}; expected one of {METHODS}")
+
+
+# SPEC §5 / §6 values that differ by method; "auto" (-1) fields in LossSection resolve to these.
+METHOD_LOSS_DEFAULTS = {
+    "exprl_outcome": dict(clip_high=0.28, kl_coef=0.001, entropy_coef=0.0, scale_by_std="true"),
+    "exprl_process": dict(clip_high=0.26, kl_coef=0.001, entropy_coef=0.0, scale_by_std="true"),
+    "grpo": dict(clip_high=0.26, kl_coef=0.001, entropy_coef=0.0, scale_by_std="true"),
+    "stage2": dict(clip_high=0.26, kl_coef=0.0, entropy_coef=1e-4, scale_by_std="false"),
+    "self_distill": dict(clip_high=0.28, kl_coef=0.0, entropy_coef=0.0, scale_by_std="true"),
+    "sft": dict(clip_high=0.28, kl_coef=0.0, entropy_coef=0.0, scale_by_std="true"),
+}
+
+
+def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Replaces every "auto" loss field with the method's SPEC value; explicit values are kept (and checked)."""
+    defaults = METHOD_LOSS_DEFAULTS[cfg.method]
+    loss = cfg.loss
+    changes = {k: v for k, v in defaults.items()
+               if (k == "scale_by_std" and loss.scale_by_std == "auto") or (k != "scale_by_std" and getattr(loss, k) < 0)}
+    loss = dataclasses.replace(loss, **changes)
+    if loss.scale_by_std not in ("true", "false"):
+        raise ValueError(f"config.loss.scale_by_std={loss.scale_by_std!r}; expected 'true', 'false' or 'auto'")
+    return dataclasses.replace(cfg, loss=loss)
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:

@@ -109,7 +109,7 @@ def step_indices(num_records: int, per_step: int, step: int, seed: int, shuffle:
 
 class Experiment:
     def __init__(self, cfg: config_lib.ExperimentConfig, workdir: str):
-        self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+        self.cfg, self.workdir = config_lib.resolve(cfg), os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.spec = METHOD_SPECS[cfg.method]
 

@@ -116,7 +116,7 @@ class StepRunner:
         metrics = {**result.metrics, "reward/unscored_frac": 1.0 - result.valid.mean()}
         if result.scores is not None:
             scores = np.where(result.valid, result.scores, np.nan)
-            adv_N = adv_lib.grpo(scores, r.group_size, scale_by_std=cfg.loss.scale_by_std, valid=result.valid)
+            adv_N = adv_lib.grpo(scores, r.group_size, scale_by_std=cfg.loss.scale_by_std == "true", valid=result.valid)
             adv_NR = adv_N[:, None] * mask
             valid = result.valid
             metrics.update({"reward/mean": np.nanmean(scores) if valid.any() else np.nan,

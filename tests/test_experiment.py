@@ -21,7 +21,7 @@ RL_KEYS = COMMON_KEYS | {"loss/policy", "kl/ref", "clip/frac_low", "clip/frac_hi
 EXPECTED_KEYS = {
     "sft": COMMON_KEYS | {"loss/sft"},
     "grpo": RL_KEYS,
-    "stage2": RL_KEYS,
+    "stage2": RL_KEYS - {"kl/ref"},  # Stage II has no KL term, so no reference pass
     "exprl_outcome": RL_KEYS | {"judge/latency_p50_s", "judge/cache_hit_frac", "judge/unscored_frac"},
     "exprl_process": RL_KEYS | {"segments/mean", "segments/single_frac", "judge/calls_per_step"},
     "self_distill": COMMON_KEYS | {"loss/distill", "distill/reverse_kl", "reward/sparse_acc", "time/sample_s"},
@@ -101,3 +101,31 @@ def test_resume_with_another_config_is_refused_in_process(tmp_path):
     with pytest.raises(ResumeRefused, match=r"rollout\.group_size"):
         Experiment(smoke_config(**{"train.steps": 1, "eval.at_start": False, "eval.at_end": False,
                                    "rollout.group_size": 2}), str(tmp_path))._check_config()
+
+
+def test_stage2_starts_from_a_stage1_checkpoint(tmp_path):
+    """Stage II loads the Stage-I run's final params (SPEC §2: only the starting checkpoint differs)."""
+    from exprl_jax.experiment import build_model, params_sha256
+
+    stage1 = smoke_config(**{"method": "sft", "train.steps": 2, "eval.at_start": False, "eval.at_end": False})
+    first = Experiment(stage1, str(tmp_path / "stage1")).run()
+    stage2 = smoke_config(**{"method": "stage2", "model.init_checkpoint": str(tmp_path / "stage1"),
+                             "train.steps": 1, "eval.at_start": False, "eval.at_end": False})
+    _, params, _ = build_model(stage2, seed=stage2.seed)
+    assert params_sha256(params) == first["params_sha256"]
+    resolved = Experiment(stage2, str(tmp_path / "stage2")).cfg.loss
+    assert (resolved.kl_coef, resolved.entropy_coef, resolved.scale_by_std) == (0.0, 1e-4, "false")
+
+
+def test_reference_never_reaches_the_policy_tokens():
+    """Rollout prompts are built from `problem` alone: a marker planted in every reference never appears."""
+    from exprl_jax.data import QARecord
+    from exprl_jax.rollouts import encode_prompts
+    from exprl_jax.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    records = [QARecord(id=str(i), problem=f"{i}+{i}=?", reference=f"SECRET{i} {i}+{i}={2 * i}", answer=str(2 * i))
+               for i in range(5)]
+    for record, ids in zip(records, encode_prompts(tok, records, "{problem}\n")):
+        text = tok.decode(ids)
+        assert record.problem in text and "SECRET" not in text and record.reference not in text

@@ -168,13 +168,15 @@ def test_max_concurrency_is_reached_and_never_exceeded(limit):
 
 
 def test_requests_per_minute_spaces_calls():
-    # 1200/min = 20/s with a burst of 20: 30 calls need at least (30 - 20) / 20 = 0.5 s.
+    # 1200/min = 20/s with a burst of 20: 30 calls need at least (30 - 20) / 20 = 0.5 s after the bucket starts.
+    # Arrivals are timed at the server, whose first arrival already lags the bucket's start by the connection
+    # set-up, so the span between first and last arrival is checked against 0.4 s (unlimited: ~0.05 s).
     server = FaultServer(fault_rate=0.0)
     with server as url:
         results = run_calls(make_client(url, requests_per_minute=1200), n=30)
     assert all(r.text == OK_TEXT for r in results)
     arrivals = sorted(server.arrivals_s)
-    assert arrivals[-1] - arrivals[0] >= 0.45
+    assert arrivals[-1] - arrivals[0] >= 0.4
 
 
 def test_token_bucket_arithmetic():

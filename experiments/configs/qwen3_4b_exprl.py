@@ -24,7 +24,7 @@ def get_config():
     c.rollout.group_size = 10
     c.rollout.max_new_tokens = 16384
     c.rollout.temperature = 0.8
-    c.loss.clip_high = 0.28
+    c.loss.clip_high = 0.28  # the method default, written out
     c.loss.ppo_mini_batch_size = 18 * 10  # 18 prompts: the second half of each step is one update off-policy
     c.loss.kl_coef = 0.001
     c.loss.kl_kind = "k3"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from exprl_jax.config import JudgeSection
 from exprl_jax.data import DataError, QARecord, load_gsm8k, load_math
 from exprl_jax.judge.reward import JudgeReward
 from exprl_jax.rewards.answers import extract_answer
@@ -40,6 +42,26 @@ class CalibrationItem:
     reference: str
     answer: str
     reference_id: str  # the QARecord the problem joined to, e.g. "gsm8k/test/12"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationConfig:
+    """A calibration config file (experiments/configs/calibrate.py), converted with exprl_jax.config.from_dict."""
+
+    judge: JudgeSection = JudgeSection()  # judge.use_reference is ignored: each condition sets it
+    data_dir: str = ""  # holds processbench/ and the reference datasets
+    subsets: tuple[str, ...] = SUBSETS
+    limit_per_subset: int = 0  # > 0: n rows of each subset (quick checks); 0 = all
+    seed: int = 0  # fixes the wrong-reference derangement
+    mode: str = "outcome"  # correctness is known per trace, so only Outcome judging is calibrated
+
+    def __post_init__(self):
+        if self.mode != "outcome":
+            raise ValueError(f"config.mode={self.mode!r}: calibration needs 'outcome' (correctness is per trace)")
+        if not self.subsets or set(self.subsets) - set(SUBSETS):
+            raise ValueError(f"config.subsets={self.subsets!r}: expected a non-empty subset of {SUBSETS}")
+        if self.limit_per_subset < 0:
+            raise ValueError(f"config.limit_per_subset={self.limit_per_subset}: expected >= 0")
 
 
 # ---------------------------------------------------------------- ProcessBench ⋈ reference solutions
@@ -87,13 +109,15 @@ def _read_processbench(path: str, limit: int | None) -> list[dict]:
         rows = json.load(f)
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
-    rows = rows[:limit] if limit else rows
     for i, row in enumerate(rows):
         for field, kind in (("id", str), ("problem", str), ("steps", list), ("final_answer_correct", bool)):
             if not isinstance(row.get(field), kind):
                 raise DataError(f"{path}: record {i}: field '{field}': missing or not a {kind.__name__}")
         if not all(isinstance(step, str) for step in row["steps"]):
             raise DataError(f"{path}: record {i} ({row['id']}): field 'steps': entries must be strings")
+    if limit:  # alternate the classes (files list them in blocks), so even a small slice has both
+        by_class = [[row for row in rows if row["final_answer_correct"] is c] for c in (True, False)]
+        rows = [row for pair in itertools.zip_longest(*by_class) for row in pair if row is not None][:limit]
     return rows
 
 
@@ -102,7 +126,8 @@ def load_processbench(data_dir: str, subsets: Sequence[str] = SUBSETS,
     """ProcessBench rows joined to their reference solutions by EXACT problem text (no normalisation: a near match
     could pair a trace with another problem's reference, which is the wrong-reference condition, not this one).
 
-    `limit_per_subset` keeps the first n rows of each subset, before the join. Returns (items, stats); stats has
+    `limit_per_subset` keeps n rows of each subset before the join: the first truly correct and incorrect rows
+    in file order, alternating. Returns (items, stats); stats has
     per subset rows / joined / unjoined / unjoined_problems / first_unjoined, plus "total". A row that does not
     join is counted, logged and left out of the items, never silently.
     """

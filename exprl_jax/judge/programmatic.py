@@ -63,7 +63,7 @@ def outcome_score(v: Verdict) -> int:
         return 2 if half else 1
     if v.answer_ok and v.established == v.total:
         return 5
-    if v.answer_ok and v.established >= v.total - 1:
+    if v.answer_ok and v.established >= max(v.total - 1, 1):  # a bare answer with no work is not "trivial gaps"
         return 4
     if half:
         return 3
