@@ -100,6 +100,22 @@ class JudgeSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TestbedSection:
+    """The CPU testbed task family (exprl_jax/tasks/testbed.py), used when data.source == "testbed"."""
+
+    view: str = "stage1"  # "pretrain" (native traces of easy items) or "stage1" (hard items with references)
+    pretrain_steps: tuple[int, ...] = (1, 2, 3, 4)  # difficulty (number of dependent steps) of pre-training items
+    long_steps: tuple[int, ...] = (5, 6)  # a small share of longer pre-training items, for length generalisation
+    long_frac: float = 0.08
+    reference_prompt_frac: float = 0.1  # pre-training items whose prompt contains a reference (teacher skill)
+    stage1_steps: tuple[int, ...] = (6, 7)  # difficulty of the Stage-I set and the same-difficulty eval set
+    harder_steps: tuple[int, ...] = (8,)  # the held-out harder eval set
+    num_pool: int = 2048  # hard candidates generated before the base-model filter
+    hard_filter_k: int = 16  # keep problems the base fails in all k samples (SPEC §2); 0 = no filter
+    base_checkpoint: str = "assets/testbed_base"  # the shipped pre-trained base (relative to the repo root)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainSection:
     steps: int = 20
     log_every: int = 1
@@ -131,6 +147,7 @@ class ExperimentConfig:
     loss: LossSection = LossSection()
     process: ProcessSection = ProcessSection()
     judge: JudgeSection = JudgeSection()
+    testbed: TestbedSection = TestbedSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
 

@@ -14,7 +14,7 @@ import string
 from typing import Any, Callable, Sequence
 
 ON_BAD_ROW = ("error", "skip")
-QA_FIELDS = ("id", "problem", "reference", "answer", "domain")
+QA_FIELDS = ("id", "problem", "reference", "answer", "domain", "checkpoints")
 GSM8K_ANSWER_MARK = "#### "
 _log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class QARecord:
     reference: str  # full reference solution, shown to the judge only
     answer: str  # final answer, for the sparse-reward metric (SPEC §4 "Sparse")
     domain: str | None = None  # e.g. "math", "science", "code" for mixed-domain runs
+    checkpoints: tuple[str, ...] | None = None  # machine-checkable "name=value" results (programmatic judge)
 
 
 class _RowError(Exception):
@@ -65,12 +66,19 @@ def _qa_from_row(row: dict, line_no: int) -> QARecord:
     domain = row.get("domain")
     if domain is not None:
         domain = _text(row, "domain")
+    checkpoints = row.get("checkpoints")
+    if checkpoints is not None:
+        if not isinstance(checkpoints, (list, tuple)) or not all(isinstance(c, str) and c.strip()
+                                                                 for c in checkpoints):
+            raise _RowError("checkpoints", "not a list of non-empty strings")
+        checkpoints = tuple(checkpoints)
     return QARecord(
         id=_text(row, "id"),
         problem=_text(row, "problem"),
         reference=_text(row, "reference"),
         answer=_text(row, "answer"),
         domain=domain,
+        checkpoints=checkpoints,
     )
 
 

@@ -160,9 +160,9 @@ class JudgeHTTPServer(http.server.ThreadingHTTPServer):
     request_queue_size = 256  # listen backlog: a burst of new connections must not be refused
 
     def __init__(self, backend: LocalBackend, address: tuple[str, int]):
-        super().__init__(address, ChatHandler)
         self.backend, self.model_name, self.started = backend, backend.model, int(time.time())
-        self.backend_loop = BackendLoop(backend)
+        self.backend_loop = BackendLoop(backend)  # first: a failed bind calls server_close, which stops it
+        super().__init__(address, ChatHandler)
 
     def server_close(self) -> None:
         super().server_close()

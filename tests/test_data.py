@@ -54,7 +54,7 @@ BAD_ROWS = [
     (row(answer=None), r"field 'answer': not a string \(got NoneType None\)", "answer: not a string"),
     (row(id=7), r"field 'id': not a string \(got int 7; convert", "id: not a string"),
     (row(domain=""), r"field 'domain': empty", "domain: empty"),
-    (row(solution="x"), r"field 'solution': unknown field \(expected only id, problem, reference, answer, domain\)",
+    (row(solution="x"), r"field 'solution': unknown field \(expected only id, problem, reference, answer, domain, checkpoints\)",
      "solution: unknown field"),
     (row(id="p0"), r"field 'id': duplicate 'p0' \(first on line 1\)", "id: duplicate"),
 ]
@@ -235,3 +235,15 @@ def test_reference_never_in_prompt_on_real_slice():
             prompt = build_prompt(record, template)
             assert record.problem in prompt
             assert record.reference not in prompt, record.id
+
+
+def test_checkpoints_field_round_trips_and_is_validated(tmp_path):
+    from exprl_jax.data import QARecord, read_jsonl, write_jsonl
+
+    path = tmp_path / "cp.jsonl"
+    record = QARecord(id="a", problem="p", reference="r", answer="1", checkpoints=("x=1", "y=2"))
+    write_jsonl(path, [record])
+    assert read_jsonl(path)[0] == [record]
+    path.write_text('{"id": "a", "problem": "p", "reference": "r", "answer": "1", "checkpoints": ["x=1", ""]}\n')
+    with pytest.raises(DataError, match=r"cp.jsonl:1: field 'checkpoints'"):
+        read_jsonl(path)

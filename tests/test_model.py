@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from exprl_jax.models import ModelConfig, forward, init_params, token_logprobs
-from exprl_jax.models.transformer import logprobs_of
+from exprl_jax.models.transformer import logprobs_of, positions_from_mask
 
 CFG = ModelConfig.tiny()
 # Jitted once per config (a frozen, hashable dataclass); eager Flax dispatch is much slower on 2 shared cores.
@@ -166,6 +166,13 @@ def test_left_padding_does_not_change_real_logits(params):
     assert np.max(np.abs(unmasked[0, 2:] - alone)) > 1e-3
 
 
+def test_positions_from_left_padding_mask():
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], np.int32)
+    # position = real tokens before this one; pad slots get 0
+    expected = [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
+    assert np.asarray(positions_from_mask(jnp.asarray(mask))).tolist() == expected
+
+
 def test_explicit_positions_equal_default(params):
     tokens = _tokens(3, (2, 6))
     default = np.asarray(_forward(CFG, params, tokens))
@@ -213,6 +220,7 @@ def test_bf16_compute_returns_fp32_logits_close_to_fp32(params):
     # bf16 keeps ~3 significant digits; logits here are O(0.1-1)
     np.testing.assert_allclose(got, ref, atol=5e-2, rtol=0)
     assert np.mean(np.abs(got - ref)) < 1e-2
+    assert np.max(np.abs(got - ref)) > 1e-4  # the activations really were computed in bf16
 
 
 def test_bf16_params_are_stored_as_bf16():

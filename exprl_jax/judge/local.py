@@ -86,8 +86,8 @@ class LocalBackend:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                              f"{model_cfg.vocab_size}")
         self.model_cfg, self.params, self.tokenizer, self.mesh = model_cfg, params, tokenizer, mesh
-        self.model, self.max_tokens, self.batch_size, self.batch_window_s = model_name, max_tokens, batch_size, \
-            batch_window_s
+        self.model, self.max_tokens = model_name, max_tokens
+        self.batch_size, self.batch_window_s = batch_size, batch_window_s
         self.decoding = {"temperature": 0.0, "max_tokens": max_tokens}
         model_eos = model_cfg.eos_token_id
         model_eos = () if model_eos is None else (model_eos,) if isinstance(model_eos, int) else tuple(model_eos)
@@ -124,10 +124,11 @@ class LocalBackend:
         return prompt
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """PromptTooLong unless the prompt, padded as the sampler pads it, plus max_tokens fits the context."""
         padded = -(-prompt_tokens // PROMPT_PAD_MULTIPLE) * PROMPT_PAD_MULTIPLE
         if padded + max_tokens > self.model_cfg.max_position_embeddings:
-            raise PromptTooLong(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the judge model's "
-                             f"context of {self.model_cfg.max_position_embeddings} tokens")
+            raise PromptTooLong(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the judge "
+                                f"model's context of {self.model_cfg.max_position_embeddings} tokens")
 
     async def reply(self, messages: Sequence[dict], *, max_tokens: int | None = None) -> Reply:
         """Greedy answer to `messages`, at most `max_tokens` (default: the backend's) new tokens. Raises
@@ -159,7 +160,7 @@ class LocalBackend:
             return Completion(None, f"local_error:{type(err).__name__}", latency_s=time.monotonic() - started)
 
     async def aclose(self) -> None:
-        """Stops this loop's batch worker; requests still queued fail with "closed"."""
+        """Stops this loop's batch worker; requests still waiting fail (`complete` gives a reason, never hangs)."""
         batcher, self._batcher = self._batcher, None
         if batcher is None or batcher.loop is not asyncio.get_running_loop():
             return

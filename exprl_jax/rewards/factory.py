@@ -7,11 +7,13 @@ import os
 from exprl_jax.methods import METHOD_SPECS
 
 
-def make_judge_backend(judge_cfg, tokenizer=None):
+def make_judge_backend(judge_cfg, tokenizer=None, records=()):
     if judge_cfg.backend == "programmatic":
-        from exprl_jax.judge.programmatic import ProgrammaticBackend
+        from exprl_jax.judge.programmatic import ProgrammaticBackend, checkpoints_of
 
-        return ProgrammaticBackend()
+        # records that carry their checkpoints are graded on them; others on the `name=value` lines of the reference
+        table = {r.reference: checkpoints_of("\n".join(r.checkpoints)) for r in records if r.checkpoints}
+        return ProgrammaticBackend(table)
     if judge_cfg.backend == "openai":
         from exprl_jax.judge.client import JudgeClientConfig, OpenAIChatClient
 
@@ -47,7 +49,7 @@ def make_reward_fn(cfg, workdir: str, tokenizer=None, records=()):
 
             rubrics = load_rubrics(j.rubric_path)
         return JudgeReward(
-            make_judge_backend(j, tokenizer), mode="outcome" if kind == "judge_outcome" else "process",
+            make_judge_backend(j, tokenizer, records), mode="outcome" if kind == "judge_outcome" else "process",
             process_context=cfg.process.context,
             cache=JudgeCache(os.path.join(workdir, "judge_cache")) if j.cache else None, stats=JudgeStats(),
             rubrics=rubrics, use_reference=j.use_reference)
