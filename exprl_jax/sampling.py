@@ -125,7 +125,9 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], rng:
     With a mesh, rows are split over data×fsdp (their count must divide evenly) and params keep their shardings."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+    if num_samples < 1:
+        raise ValueError(f"generate: num_samples={num_samples} must be >= 1")
+    if not temperature >= 0 or not 0.0 < top_p <= 1.0 or top_k < 0 or top_k > config.vocab_size:
         raise ValueError(f"generate: bad sampling parameters temperature={temperature} top_p={top_p} top_k={top_k}")
     tokens, mask = pad_prompts(prompts, pad_id, prompt_multiple)
     tokens, mask = np.repeat(tokens, num_samples, axis=0), np.repeat(mask, num_samples, axis=0)

@@ -1,8 +1,6 @@
 """An OpenAI-compatible chat-completions server over `LocalBackend`, so any model this project loads can judge from
-another host: `python -m exprl_jax.serve --model DIR --port 8000`, then point `OpenAIChatClient` at .../v1.
-
-Greedy decoding only. HTTP handler threads hand requests to one asyncio loop that owns the backend, so
-concurrent requests are batched together exactly as concurrent `complete` calls are in-process.
+another host (greedy only): `python -m exprl_jax.serve --model DIR --port 8000`, then point the client at .../v1.
+HTTP threads hand requests to one asyncio loop owning the backend, so concurrent requests share decodes.
 """
 from __future__ import annotations
 
@@ -178,7 +176,7 @@ def make_server(backend: LocalBackend, host: str = "127.0.0.1", port: int = 0) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Serve a judge model over an OpenAI-compatible chat API.")
     parser.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port (printed when ready)")
     parser.add_argument("--host", default="127.0.0.1")

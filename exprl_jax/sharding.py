@@ -46,6 +46,8 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
         raise ValueError(f"mesh shape {shape} must have 3 entries for axes {MESH_AXES}")
     if shape.count(-1) > 1:
         raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
+    if any(s < 1 and s != -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: sizes must be >= 1 (or one -1)")
     if -1 in shape:
         rest = math.prod(s for s in shape if s != -1)
         if len(devices) % rest:

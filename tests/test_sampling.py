@@ -277,14 +277,11 @@ def test_bad_arguments_raise(params, prompts, kwargs, match):
         generate(CFG, params, prompts, jax.random.PRNGKey(0), **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="num_samples is never validated: num_samples=0 returns empty arrays")
 def test_zero_num_samples_raises(params):
     with pytest.raises(ValueError, match="num_samples"):
         generate(CFG, params, [[1, 2]], jax.random.PRNGKey(0), max_new_tokens=2, num_samples=0)
 
 
-@pytest.mark.xfail(strict=True, reason="`temperature < 0` is False for NaN, so NaN passes validation and every "
-                                       "log-prob comes back NaN")
 def test_nan_temperature_raises(params):
     with pytest.raises(ValueError, match="temperature"):
         generate(CFG, params, [[1, 2]], jax.random.PRNGKey(0), max_new_tokens=2, temperature=float("nan"))

@@ -34,6 +34,9 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 1")
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family={self.family!r}; supported: {FAMILIES}")
         if self.num_heads % self.num_kv_heads:
@@ -60,7 +63,7 @@ class ModelConfig:
     # ---- presets: dimensions as published in each model's config.json ----
     @classmethod
     def tiny(cls, **overrides) -> "ModelConfig":
-        """A Qwen3-shaped model small enough for unit tests (≈0.2M params); every dim divides 8 devices."""
+        """A Qwen3-shaped model small enough for unit tests (0.13M params); q heads, MLP and vocab divide 8."""
         base = dict(family="qwen3", vocab_size=256, d_model=64, num_layers=2, num_heads=8, num_kv_heads=4,
                     head_dim=16, mlp_dim=128, rope_theta=10_000.0, qk_norm=True, tie_embeddings=False,
                     max_position_embeddings=2048)
@@ -173,6 +176,10 @@ class ModelConfig:
 
     def num_params(self) -> int:
         attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.qkv_bias:
+            attn += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        if self.o_bias:
+            attn += self.d_model
         mlp = 3 * self.d_model * self.mlp_dim
         norms = 2 * self.d_model + (2 * self.head_dim if self.qk_norm else 0)
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
