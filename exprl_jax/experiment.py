@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from exprl_jax.metrics import MetricsLogger, read_metrics
 from exprl_jax.methods import METHOD_SPECS, batch_ndims, make_loss_fn
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.models.transformer import init_params
+from exprl_jax.rollouts import save_rollouts
 from exprl_jax.tokenizer import eos_ids, load_tokenizer, pad_id
 from exprl_jax.train_state import init_train_state, make_optimizer, make_train_step
 
@@ -172,7 +174,7 @@ class Experiment:
 
         from exprl_jax.steps import StepRunner
 
-        runner = StepRunner(self, make_train_step(
+        self.runner = runner = StepRunner(self, make_train_step(
             make_loss_fn(cfg.method, self.model_cfg, cfg.loss, cfg.rollout.temperature), optimizer, shardings,
             self.mesh, batch_ndims(cfg.method)))
         logger = MetricsLogger(self.workdir, console_every=cfg.train.log_every)
@@ -186,19 +188,8 @@ class Experiment:
             else:  # resumed: the base evaluation was done before the interruption
                 with open(start_eval_path) as f:
                     results["eval_start"] = json.load(f)
-        base_key = jax.random.key(cfg.seed + 1)
         t0 = time.time()
-        for step in range(start, cfg.train.steps):
-            step_key = jax.random.fold_in(base_key, step)
-            indices = step_indices(len(self.train_records), self._per_step(), step, cfg.seed, cfg.data.shuffle)
-            state, metrics = runner.run_step(state, [self.train_records[i] for i in indices], step_key, step)
-            logger.log(step + 1, metrics)
-            next_cursor = step_indices(len(self.train_records), self._per_step(), step + 1, cfg.seed,
-                                       cfg.data.shuffle)[:1]
-            meta = {"iteration": step + 1, "data_cursor": next_cursor, "seed": cfg.seed,
-                    "rng_key_data": np.asarray(jax.random.key_data(jax.random.fold_in(base_key, step + 1))).tolist(),
-                    "optimizer_step": int(state.step)}
-            ckpt.save(step + 1, state, meta, force=step + 1 == cfg.train.steps)
+        state = self._train_loop(state, start, runner, ckpt, logger)
         runner.close()
         results["train_seconds"] = time.time() - t0
         if cfg.eval.at_end and self.eval_records:
@@ -210,6 +201,78 @@ class Experiment:
         with open(results_path, "w") as f:
             json.dump(results, f, indent=1)
         return results
+
+    def _records(self, step: int) -> list[QARecord]:
+        cfg = self.cfg
+        indices = step_indices(len(self.train_records), self._per_step(), step, cfg.seed, cfg.data.shuffle)
+        return [self.train_records[i] for i in indices]
+
+    def _train_loop(self, state, start: int, runner, ckpt, logger):
+        """Steps [start, steps). Step s uses key fold_in(seed key, s): sampling fold_in(k, 0), updates fold_in(k, 1).
+        With judge.overlap, the rollouts of step s+1 are sampled (with the params before update s) while the judge
+        scores step s; they are saved with each checkpoint so a resume replays them exactly."""
+        cfg = self.cfg
+        base_key = jax.random.key(cfg.seed + 1)
+        overlap = cfg.judge.overlap and self.spec.samples
+
+        def pending_path(s):
+            return os.path.join(ckpt.directory, f"pending_rollouts_{s}.npz")
+
+        pending = None
+        if overlap and start > 0 and os.path.exists(pending_path(start)):
+            from exprl_jax.rollouts import load_rollouts
+
+            pending = load_rollouts(pending_path(start), self._records(start), self.tokenizer, self.eos)
+        from tqdm import tqdm
+
+        pool = ThreadPoolExecutor(max_workers=1)  # the judge runs beside the device, never inside jit
+        progress = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc=cfg.method,
+                        dynamic_ncols=True, disable=None)
+        for step in progress:
+            key = jax.random.fold_in(base_key, step)
+            if not self.spec.samples:
+                state, metrics = runner.sft_step(state, self._records(step), jax.random.fold_in(key, 1))
+            else:
+                sample_s = 0.0
+                if pending is None:
+                    pending, sample_s = runner.sample(state.params, self._records(step), jax.random.fold_in(key, 0))
+                rollouts, pending = pending, None
+                scoring = pool.submit(runner.score, rollouts)
+                t_device = time.time()
+                ref_logprobs = runner.reference_logprobs(rollouts)
+                if overlap and step + 1 < cfg.train.steps:
+                    next_key = jax.random.fold_in(jax.random.fold_in(base_key, step + 1), 0)
+                    pending, next_sample_s = runner.sample(state.params, self._records(step + 1), next_key)
+                    sample_s += next_sample_s
+                device_done = time.time()
+                scored = scoring.result()
+                judge_s = scored[3]
+                waited = max(0.0, time.time() - device_done)
+                batch, metrics = runner.build_batch(rollouts, scored, ref_logprobs)
+                t = time.time()
+                state, update_metrics = runner.update(state, batch, jax.random.fold_in(key, 1))
+                metrics.update(update_metrics)
+                # judge_hidden_frac: the share of the judge's wall time spent while the device was busy
+                metrics.update({"time/sample_s": sample_s, "time/reward_s": judge_s,
+                                "time/update_s": time.time() - t,
+                                "time/device_while_judging_s": device_done - t_device,
+                                "time/judge_hidden_frac": 1.0 - waited / judge_s if judge_s > 0 else 1.0})
+            row = logger.log(step + 1, metrics, console=False)
+            progress.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in ("loss/total", "reward/mean",
+                                  "reward/sparse_acc") if isinstance(row.get(k), float)})
+            if pending is not None:
+                save_rollouts(pending_path(step + 1), pending)
+            meta = {"iteration": step + 1, "seed": cfg.seed, "optimizer_step": int(state.step),
+                    "data_cursor": step_indices(len(self.train_records), self._per_step(), step + 1, cfg.seed,
+                                                cfg.data.shuffle)[:1],
+                    "rng_key_data": np.asarray(jax.random.key_data(jax.random.fold_in(base_key, step + 1))).tolist(),
+                    "pending_rollouts": pending is not None}
+            ckpt.save(step + 1, state, meta, force=step + 1 == cfg.train.steps)
+            for old in range(max(0, step - cfg.train.keep_checkpoints * cfg.train.save_every), step + 1):
+                if os.path.exists(pending_path(old)) and old not in (ckpt.all_steps() or ()):
+                    os.remove(pending_path(old))
+        pool.shutdown()
+        return state
 
     def _per_step(self) -> int:
         return self.cfg.train.batch_size if self.cfg.method == "sft" else self.cfg.rollout.prompts_per_step
@@ -231,6 +294,13 @@ class Experiment:
             max_new_tokens=ev.max_new_tokens or self.cfg.rollout.max_new_tokens, template=self.cfg.data.prompt_template,
             answer_style=self.cfg.data.answer_style, eos=self.eos, pad=self.pad, mesh=self.mesh,
             delimiter=self.cfg.process.delimiter)
+        reward_fn = getattr(getattr(self, "runner", None), "reward_fn", None)
+        if reward_fn is not None and self.spec.reward != "sparse":  # SPEC §9: master-key canaries per evaluation
+            import asyncio
+
+            from exprl_jax.judge.monitors import run_canaries
+
+            report["metrics"].update(asyncio.run(run_canaries(reward_fn, self.eval_records)))
         logger.log(step, {f"{prefix}/{k}": v for k, v in report["metrics"].items()}, console=True)
         return report
 

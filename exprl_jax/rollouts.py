@@ -111,3 +111,27 @@ def minibatches(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.nd
     if n % size:
         raise ValueError(f"ppo_mini_batch_size={size} does not divide the step's {n} rollouts")
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+_ARRAY_FIELDS = ("prompt_tokens", "prompt_mask", "tokens", "logprobs", "lengths", "truncated")
+
+
+def save_rollouts(path: str, r: Rollouts) -> None:
+    """Writes a step's sampled-but-not-yet-trained rollouts (overlap mode) atomically, for exact resume."""
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, group_size=r.group_size, record_ids=np.array([x.id for x in r.records]),
+             **{k: getattr(r, k) for k in _ARRAY_FIELDS})
+    import os
+
+    os.replace(tmp, path)
+
+
+def load_rollouts(path: str, records: Sequence[QARecord], tokenizer, eos: Sequence[int]) -> Rollouts:
+    with np.load(path) as f:
+        ids = [str(x) for x in f["record_ids"]]
+        if ids != [x.id for x in records]:
+            raise ValueError(f"{path}: saved rollouts belong to records {ids[:3]}..., not this step's")
+        arrays = {k: f[k] for k in _ARRAY_FIELDS}
+        group_size = int(f["group_size"])
+    return Rollouts(records=list(records), group_size=group_size, **arrays,
+                    texts=decode_responses(tokenizer, arrays["tokens"], arrays["lengths"], eos))

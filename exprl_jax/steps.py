@@ -14,8 +14,7 @@ from exprl_jax.data import QARecord, build_prompt
 from exprl_jax.rewards.answers import check_answers, extract_answer
 from exprl_jax.rewards.base import RewardBatch, Span, score_sync
 from exprl_jax.rewards.sparse import no_correct_frac
-from exprl_jax.rollouts import (Rollouts, encode_prompts, minibatches, sample_rollouts, score_responses,
-                                sequence_batch)
+from exprl_jax.rollouts import Rollouts, minibatches, sample_rollouts, score_responses, sequence_batch
 from exprl_jax.sampling import pad_prompts
 
 
@@ -45,6 +44,9 @@ def prompt_messages_text(tokenizer, messages: list[dict]) -> str:
 
 
 class StepRunner:
+    """The three phases of a sampled step, so the loop can overlap them: `sample` (device), `score` (host: judge /
+    teacher / advantages; safe to run on a worker thread while the device samples the next step), `update`."""
+
     def __init__(self, exp, update_fn):
         self.exp, self.cfg, self.update_fn = exp, exp.cfg, update_fn
         self.reward_fn = None
@@ -62,65 +64,69 @@ class StepRunner:
         if close is not None:
             close()
 
-    # ---- per-method batches ----
-    def run_step(self, state, records: list[QARecord], key, step: int):
-        times, metrics = {}, {}
+    # ---- SFT: no sampling ----
+    def sft_step(self, state, records: list[QARecord], key):
         t = time.time()
-        if self.cfg.method == "sft":
-            batch, metrics = sft_batch(records, self.exp.tokenizer, seq_len=self.cfg.train.seq_len,
-                                       template=self.cfg.data.prompt_template, eos=self.exp.eos[0], pad=self.exp.pad)
-            times["time/batch_s"] = time.time() - t
-        else:
-            sample_key, key = jax.random.split(key)
-            rollouts = sample_rollouts(self.exp.model_cfg, state.params, self.exp.tokenizer, records, sample_key,
-                                       rollout_cfg=self.cfg.rollout, template=self.cfg.data.prompt_template,
-                                       eos=self.exp.eos, pad=self.exp.pad, mesh=self.exp.mesh)
-            times["time/sample_s"] = time.time() - t
-            t = time.time()
-            metrics.update(self._rollout_metrics(rollouts))
-            if self.exp.spec.teacher:
-                batch = self._distill_batch(rollouts)
-            else:
-                batch, reward_metrics = self._rl_batch(rollouts)
-                metrics.update(reward_metrics)
-            times["time/reward_s"] = time.time() - t
+        batch, metrics = sft_batch(records, self.exp.tokenizer, seq_len=self.cfg.train.seq_len,
+                                   template=self.cfg.data.prompt_template, eos=self.exp.eos[0], pad=self.exp.pad)
+        metrics["time/batch_s"] = time.time() - t
         t = time.time()
-        state, update_metrics = self._update(state, batch, key)
-        times["time/update_s"] = time.time() - t
-        return state, {**metrics, **update_metrics, **times}
+        state, update_metrics = self.update(state, batch, key)
+        return state, {**metrics, **update_metrics, "time/update_s": time.time() - t}
 
-    def _rollout_metrics(self, r: Rollouts) -> dict:
+    # ---- sampled methods ----
+    def sample(self, params, records: list[QARecord], key) -> tuple[Rollouts, float]:
+        t = time.time()
+        rollouts = sample_rollouts(self.exp.model_cfg, params, self.exp.tokenizer, records, key,
+                                   rollout_cfg=self.cfg.rollout, template=self.cfg.data.prompt_template,
+                                   eos=self.exp.eos, pad=self.exp.pad, mesh=self.exp.mesh)
+        return rollouts, time.time() - t
+
+    def reference_logprobs(self, r: Rollouts) -> np.ndarray | None:
+        """Log-probs of the rollouts under the frozen initial policy (device work, independent of rewards)."""
+        if self.exp.spec.teacher:
+            return self._teacher_logprobs(r)
+        if not self.cfg.loss.kl_coef:
+            return None
+        batch = sequence_batch(r.prompt_tokens, r.prompt_mask, r.tokens, r.response_mask)
+        return score_responses(self.exp.model_cfg, self.exp.ref_params, batch, self.cfg.rollout.temperature,
+                               self.exp.mesh)
+
+    def score(self, r: Rollouts):
+        """Host work of a step: rewards (judge or answer check) or nothing (self-distillation). Thread-safe."""
+        t = time.time()
+        correct = self._sparse_correct(r)
+        if self.reward_fn is None:
+            return None, None, correct, time.time() - t
+        segments = self._segments(r) if self.reward_fn.kind == "process" else None
         records = r.row_records()
-        preds = [extract_answer(t, style=self.cfg.data.answer_style) for t in r.texts]
-        checks = check_answers(preds, [rec.answer for rec in records])
-        correct = np.array([c.correct for c in checks]) & ~r.truncated
-        return {"reward/sparse_acc": correct.mean(), "reward/no_correct_frac": no_correct_frac(correct, r.group_size),
-                "response/length_mean": r.lengths.mean(), "response/length_max": r.lengths.max(),
-                "response/truncated_frac": r.truncated.mean()}
-
-    def _rl_batch(self, r: Rollouts):
-        cfg = self.cfg
-        records = r.row_records()
-        segments = None
-        if self.reward_fn.kind == "process":
-            from exprl_jax.judge.segment import segment_batch
-
-            segments = segment_batch(r.tokens, r.lengths, self._decode, cfg.process.delimiter)
-            # a response with no text (EOS only) is still judged, as one empty step, rather than dropped
-            segments = [s if s or not n else [Span("", 0, int(n))] for s, n in zip(segments, r.lengths)]
         reward_batch = RewardBatch(problems=[x.problem for x in records], references=[x.reference for x in records],
                                    answers=[x.answer for x in records], responses=r.texts, truncated=r.truncated,
                                    group_size=r.group_size, segments=segments)
-        result = score_sync(self.reward_fn, reward_batch)
+        return score_sync(self.reward_fn, reward_batch), segments, correct, time.time() - t
+
+    def build_batch(self, r: Rollouts, scored, ref_logprobs):
+        """Advantages (SPEC §4) and the update batch; unscored rollouts are masked out of the loss."""
+        result, segments, correct, _ = scored
+        metrics = self._rollout_metrics(r, correct)
         mask = r.response_mask
-        metrics = {**result.metrics, "reward/unscored_frac": 1.0 - result.valid.mean()}
+        if self.exp.spec.teacher:
+            batch = sequence_batch(r.prompt_tokens, r.prompt_mask, r.tokens, mask)
+            batch["teacher_logprobs"] = ref_logprobs
+            return batch, metrics
+        cfg = self.cfg
+        metrics.update({**result.metrics, "reward/unscored_frac": 1.0 - result.valid.mean()})
         if result.scores is not None:
             scores = np.where(result.valid, result.scores, np.nan)
-            adv_N = adv_lib.grpo(scores, r.group_size, scale_by_std=cfg.loss.scale_by_std == "true", valid=result.valid)
-            adv_NR = adv_N[:, None] * mask
-            valid = result.valid
+            adv_N = adv_lib.grpo(scores, r.group_size, scale_by_std=cfg.loss.scale_by_std == "true",
+                                 valid=result.valid)
+            adv_NR, valid = adv_N[:, None] * mask, result.valid
             metrics.update({"reward/mean": np.nanmean(scores) if valid.any() else np.nan,
                             "reward/std": np.nanstd(scores) if valid.any() else np.nan})
+            if self.exp.spec.reward != "sparse":
+                from exprl_jax.judge.monitors import judge_verifier_agreement
+
+                metrics.update(judge_verifier_agreement(scores, correct, valid))
         else:
             seg_adv = adv_lib.process(result.segment_scores, r.group_size, mode=cfg.process.mode,
                                       single_segment=cfg.process.single_segment)
@@ -133,16 +139,30 @@ class StepRunner:
         batch = sequence_batch(r.prompt_tokens, r.prompt_mask, r.tokens, mask)
         batch["old_logprobs"] = r.logprobs * mask
         batch["advantages"] = adv_NR.astype(np.float32) * mask
-        if cfg.loss.kl_coef:
-            batch["ref_logprobs"] = score_responses(self.exp.model_cfg, self.exp.ref_params, batch,
-                                                    cfg.rollout.temperature, self.exp.mesh)
-        else:
-            batch["ref_logprobs"] = np.zeros_like(batch["old_logprobs"])
+        batch["ref_logprobs"] = (ref_logprobs * mask if ref_logprobs is not None
+                                 else np.zeros_like(batch["old_logprobs"]))
         return batch, metrics
 
-    def _distill_batch(self, r: Rollouts):
+    def _sparse_correct(self, r: Rollouts) -> np.ndarray:
+        """[N] the final-answer check, logged in every method (SPEC §4 "Sparse"); truncated rows are wrong."""
+        preds = [extract_answer(t, style=self.cfg.data.answer_style) for t in r.texts]
+        checks = check_answers(preds, [rec.answer for rec in r.row_records()])
+        return np.array([c.correct for c in checks]) & ~r.truncated
+
+    def _rollout_metrics(self, r: Rollouts, correct: np.ndarray) -> dict:
+        return {"reward/sparse_acc": correct.mean(), "reward/no_correct_frac": no_correct_frac(correct, r.group_size),
+                "response/length_mean": r.lengths.mean(), "response/length_max": r.lengths.max(),
+                "response/truncated_frac": r.truncated.mean()}
+
+    def _segments(self, r: Rollouts):
+        from exprl_jax.judge.segment import segment_batch
+
+        segments = segment_batch(r.tokens, r.lengths, self._decode, self.cfg.process.delimiter)
+        # a response with no text (EOS only) is still judged, as one empty step, rather than dropped
+        return [s if s or not n else [Span("", 0, int(n))] for s, n in zip(segments, r.lengths)]
+
+    def _teacher_logprobs(self, r: Rollouts) -> np.ndarray:
         """Teacher = frozen initial policy conditioned on problem + reference (SPEC §6)."""
-        records = r.row_records()
         prompts = []
         for rec in r.records:
             text = prompt_messages_text(self.exp.tokenizer,
@@ -151,19 +171,15 @@ class StepRunner:
         t_tokens, t_mask = pad_prompts(prompts, self.exp.pad)
         G = r.group_size
         teacher_batch = sequence_batch(np.repeat(t_tokens, G, 0), np.repeat(t_mask, G, 0), r.tokens, r.response_mask)
-        teacher_lp = score_responses(self.exp.model_cfg, self.exp.ref_params, teacher_batch,
-                                     self.cfg.rollout.temperature, self.exp.mesh)
-        batch = sequence_batch(r.prompt_tokens, r.prompt_mask, r.tokens, r.response_mask)
-        batch["teacher_logprobs"] = teacher_lp
-        del records
-        return batch
+        return score_responses(self.exp.model_cfg, self.exp.ref_params, teacher_batch, self.cfg.rollout.temperature,
+                               self.exp.mesh)
 
     def _decode(self, ids):
         # special tokens (EOS) decode to "", so a trailing EOS joins the last segment instead of forming one
         return self.exp.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ---- the jitted update over mini-batches ----
-    def _update(self, state, batch, key):
+    def update(self, state, batch, key):
         size = self.cfg.loss.ppo_mini_batch_size if self.cfg.method != "sft" else 0
         collected = []
         for i, mini in enumerate(minibatches(batch, size)):
@@ -175,6 +191,3 @@ class StepRunner:
             raise FloatingPointError(f"non-finite loss {metrics['loss/total']} at optimizer step {int(state.step)}")
         metrics["update/minibatches"] = len(collected)
         return state, metrics
-
-
-__all__ = ["StepRunner", "sft_batch", "encode_prompts"]

@@ -64,13 +64,17 @@ def _run(workdir, *extra, wait=True):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bitwise_and_refuses_other_configs(tmp_path):
-    full = _run(tmp_path / "full")
+@pytest.mark.parametrize("overlap", ["false", "true"])
+def test_resume_after_sigkill_is_bitwise_and_refuses_other_configs(tmp_path, overlap):
+    """With judge.overlap the rollouts of the next step are already sampled at each checkpoint: they are saved
+    with it, so the resumed run trains on exactly the same samples."""
+    extra = (f"--config.judge.overlap={overlap}",)
+    full = _run(tmp_path / "full", *extra)
     assert full.returncode == 0, full.stdout + full.stderr
     expected = json.loads((tmp_path / "full" / "results.json").read_text())["params_sha256"]
 
     killed_dir = tmp_path / "killed"
-    proc = _run(killed_dir, wait=False)
+    proc = _run(killed_dir, *extra, wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and not (killed_dir / "checkpoints" / "2").exists():
         time.sleep(0.05)
@@ -79,7 +83,7 @@ def test_resume_after_sigkill_is_bitwise_and_refuses_other_configs(tmp_path):
     proc.wait()
     assert not (killed_dir / "results.json").exists(), "the run finished before it could be killed"
 
-    resumed = _run(killed_dir)
+    resumed = _run(killed_dir, *extra)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout + resumed.stderr
     got = json.loads((killed_dir / "results.json").read_text())["params_sha256"]
@@ -87,10 +91,10 @@ def test_resume_after_sigkill_is_bitwise_and_refuses_other_configs(tmp_path):
     steps = [r["step"] for r in read_metrics(str(killed_dir / "metrics.jsonl")) if "loss/total" in r]
     assert steps == [1, 2, 3, 4]  # rows of the interrupted step were dropped, none duplicated
 
-    again = _run(killed_dir)
+    again = _run(killed_dir, *extra)
     assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
 
-    other = _run(killed_dir, "--config.optim.learning_rate=0.5")
+    other = _run(killed_dir, *extra, "--config.optim.learning_rate=0.5")
     assert other.returncode != 0
     assert "optim.learning_rate" in other.stdout + other.stderr
 
