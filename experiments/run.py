@@ -14,6 +14,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from exprl_jax.config import ExperimentConfig, from_dict  # noqa: E402
 from exprl_jax.experiment import Experiment, enable_compilation_cache  # noqa: E402
+from exprl_jax.pipeline import run_pipeline  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "experiments", "configs", "default.py"), "Config file.", lock_config=True)
@@ -26,6 +27,12 @@ def main(argv):
     enable_compilation_cache()
     cfg = from_dict(ExperimentConfig, _CONFIG.value.to_dict())
     workdir = _WORKDIR.value or os.path.join(ROOT, "workdir", cfg.name)
+    if cfg.stage2.steps > 0:  # Stage I -> Stage II -> table (SPEC §2)
+        summary = run_pipeline(cfg, workdir)
+        print(summary["table"])
+        print(f"files: {workdir}/summary.md, {workdir}/pass_at_k.png, {workdir}/stage1/, {workdir}/stage2/ "
+              "(metrics.jsonl, tb/, results.json, final_hf/)")
+        return
     results = Experiment(cfg, workdir).run()
     summary = {k: v for k, v in results.items() if k in ("method", "steps", "params_sha256")}
     for key in ("eval_start", "eval_end"):

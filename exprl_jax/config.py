@@ -108,6 +108,8 @@ class TestbedSection:
     long_steps: tuple[int, ...] = (5, 6)  # a small share of longer pre-training items, for length generalisation
     long_frac: float = 0.08
     reference_prompt_frac: float = 0.1  # pre-training items whose prompt contains a reference (teacher skill)
+    reference_prompt_steps: tuple[int, ...] = ()  # their difficulty; () = pretrain_steps + long_steps
+    num_pretrain: int = 65536  # pre-training items generated (the SFT loop cycles through them)
     stage1_steps: tuple[int, ...] = (6, 7)  # difficulty of the Stage-I set and the same-difficulty eval set
     harder_steps: tuple[int, ...] = (8,)  # the held-out harder eval set
     num_pool: int = 2048  # hard candidates generated before the base-model filter
@@ -135,6 +137,15 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Stage2Section:
+    """SPEC §2 Stage II after this run's Stage I (run.py's pipeline): sparse GRPO from the Stage-I checkpoint."""
+
+    steps: int = 0  # 0 = no Stage II
+    learning_rate: float = -1.0  # -1: the Stage-I optim.learning_rate
+    group_size: int = 0  # 0: the Stage-I rollout.group_size (SPEC §5: 32 in the paper)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -150,6 +161,7 @@ class ExperimentConfig:
     testbed: TestbedSection = TestbedSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    stage2: Stage2Section = Stage2Section()
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -43,7 +43,8 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key.replace("@", "_at_"), value, step)  # TensorBoard rejects '@' 
         if console if console is not None else (self.console_every and step % self.console_every == 0):
-            shown = {k: v for k, v in row.items() if k.split("/")[0] in ("loss", "reward", "kl", "eval")}
+            shown = {k: v for k, v in row.items() if k.split("/")[0] in ("loss", "reward", "kl")
+                     or k.endswith(("pass@1", "canary/reward_mean", "response_length"))}
             text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
             print(f"[{time.time() - self._start:7.1f}s] step {step}: {text}", flush=True)
         return row
