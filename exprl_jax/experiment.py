@@ -179,6 +179,10 @@ class Experiment:
             self.mesh, batch_ndims(cfg.method)))
         logger = MetricsLogger(self.workdir, console_every=cfg.train.log_every)
         results: dict = {"method": cfg.method, "steps": cfg.train.steps, "data": data_stats}
+        if data_stats and start == 0:  # skipped bad rows are counted, never silent
+            flat = {k: v for k, v in data_stats.items() if not isinstance(v, dict)}
+            flat.update({f"data/skipped/{r}": n for r, n in data_stats.get("data/skipped_by_reason", {}).items()})
+            logger.log(0, flat, console=False)
         start_eval_path = os.path.join(self.workdir, "eval_start.json")
         if cfg.eval.at_start and self.eval_records:
             if start == 0 or not os.path.exists(start_eval_path):

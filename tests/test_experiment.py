@@ -133,3 +133,18 @@ def test_reference_never_reaches_the_policy_tokens():
     for record, ids in zip(records, encode_prompts(tok, records, "{problem}\n")):
         text = tok.decode(ids)
         assert record.problem in text and "SECRET" not in text and record.reference not in text
+
+
+def test_jsonl_data_with_skipped_rows_is_counted_in_metrics(tmp_path):
+    from exprl_jax.data import QARecord, write_jsonl
+
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, [QARecord(id=str(i), problem=f"{i}+1=?", reference=f"{i}+1={i + 1}###\\boxed{{{i + 1}}}",
+                                answer=str(i + 1)) for i in range(8)])
+    with open(path, "a") as f:
+        f.write('{"id": "bad", "problem": "1+1=?", "reference": "", "answer": "2"}\n')
+    cfg = smoke_config(**{"method": "sft", "train.steps": 1, "eval.at_start": False, "eval.at_end": False,
+                          "data.source": "jsonl", "data.train_path": str(path), "data.on_bad_row": "skip"})
+    Experiment(cfg, str(tmp_path / "run")).run()
+    row0 = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))[0]
+    assert row0["step"] == 0 and row0["data/skipped"] == 1 and row0["data/skipped/reference: empty"] == 1
