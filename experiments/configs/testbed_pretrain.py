@@ -1,0 +1,63 @@
+"""python experiments/run.py --config=experiments/configs/testbed_pretrain.py --workdir=/tmp/testbed_pretrain
+then: python experiments/run.py --config=experiments/configs/testbed_pretrain.py:teacher \
+        --workdir=/tmp/testbed_pretrain_teacher --config.model.init_checkpoint=/tmp/testbed_pretrain
+
+Pre-training of the CPU testbed's shared base (assets/testbed_base; see its README for the recorded run): SFT of a
+tiny Qwen3-shaped model (0.92M params, character vocabulary) on native traces of mod-10 chain problems.
+Phase "base" (default): short chains, k = 1..4 plus a long_frac share of k = 5..6, sequences of 160 tokens.
+Phase "teacher": a short continuation at lower lr in which half the items put the reference solution in the prompt
+(the self-distillation teacher's format, SPEC §6) over k = 1..8; such prompts need 480-token sequences, which is
+why they are not mixed into the (3x cheaper per step) base phase.
+"""
+from exprl_jax.config import default_config_dict
+
+
+def get_config(phase: str = "base"):
+    if phase not in ("base", "teacher"):
+        raise ValueError(f"phase must be 'base' or 'teacher', got {phase!r}")
+    c = default_config_dict()
+    c.name = f"testbed_pretrain_{phase}"
+    c.seed = 0
+    c.method = "sft"
+    c.model.preset = "tiny"
+    c.model.d_model = 128
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 4
+    c.model.head_dim = 32
+    c.model.mlp_dim = 384
+    c.data.source = "testbed"
+    c.data.answer_style = "boxed"
+    c.data.num_eval = 64  # the "easy" held-out set (k = 1..4)
+    c.testbed.view = "pretrain"
+    c.testbed.pretrain_steps = (1, 2, 3, 4)
+    c.testbed.long_steps = (5, 6)
+    c.testbed.long_frac = 0.1
+    c.testbed.num_pretrain = 131072
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip_norm = 1.0
+    c.train.log_every = 10
+    c.train.save_every = 100
+    c.train.keep_checkpoints = 2
+    c.rollout.max_new_tokens = 112  # the longest k = 4 native trace is 66 characters
+    c.eval.at_start = False
+    c.eval.num_samples = 8
+    if phase == "base":
+        c.testbed.reference_prompt_frac = 0.0
+        c.optim.learning_rate = 2e-3
+        c.optim.warmup_steps = 100
+        c.train.steps = 1200
+        c.optim.decay_steps = 1200
+        c.train.batch_size = 64
+        c.train.seq_len = 160  # the longest k = 6 item (prompt + native trace + EOS)
+    else:
+        c.model.init_checkpoint = "/tmp/testbed_pretrain"
+        c.testbed.reference_prompt_frac = 0.5
+        c.testbed.reference_prompt_steps = (1, 2, 3, 4, 5, 6, 7, 8)
+        c.optim.learning_rate = 5e-4
+        c.optim.warmup_steps = 10
+        c.train.steps = 120
+        c.optim.decay_steps = 120
+        c.train.batch_size = 32
+        c.train.seq_len = 480  # the longest k = 8 reference-conditioned item
+    return c
