@@ -37,3 +37,23 @@ def smoke_config(**overrides):
             node = node[p]
         node[leaf] = value
     return from_dict(ExperimentConfig, values)
+
+
+def random_params(cfg, seed=0, std=0.02):
+    """Params with exactly init_params' tree, shapes and dtypes, drawn with numpy (compiling the jax initialiser
+    costs seconds per config). Norm scales are 1 ± 0.1 and biases nonzero, so a dropped scale or bias shows."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from exprl_jax.models.transformer import init_params
+
+    shapes = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(seed)
+
+    def one(path, s):
+        is_scale = path[-1].key == "scale"
+        return jnp.asarray((1.0 if is_scale else 0.0) + (0.1 if is_scale else std) * rng.standard_normal(s.shape),
+                           s.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, shapes)

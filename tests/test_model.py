@@ -7,25 +7,12 @@ import pytest
 
 from exprl_jax.models import ModelConfig, forward, init_params, token_logprobs
 from exprl_jax.models.transformer import logprobs_of, positions_from_mask
+from conftest import random_params
 
 CFG = ModelConfig.tiny()
 # Jitted once per config (a frozen, hashable dataclass); eager Flax dispatch is much slower on 2 shared cores.
 _forward = jax.jit(forward, static_argnums=0)
 _token_logprobs = jax.jit(token_logprobs, static_argnums=0, static_argnames="temperature")
-
-
-def random_params(cfg, seed=0, std=0.02):
-    """Params with exactly init_params' tree, shapes and dtypes, drawn with numpy (compiling the jax initialiser
-    costs seconds per config). Norm scales are 1 ± 0.1 and biases nonzero, so a dropped scale or bias shows."""
-    shapes = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
-    rng = np.random.default_rng(seed)
-
-    def one(path, s):
-        base = 1.0 if path[-1].key == "scale" else 0.0
-        scale = 0.1 if path[-1].key == "scale" else std
-        return jnp.asarray(base + scale * rng.standard_normal(s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(one, shapes)
 
 
 @pytest.fixture(scope="module")

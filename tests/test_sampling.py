@@ -13,6 +13,7 @@ from exprl_jax.models import ModelConfig, forward, forward_with_cache, init_boxe
 from exprl_jax.models import token_logprobs
 from exprl_jax.models.transformer import positions_from_mask
 from exprl_jax.sampling import _filter_logits, generate, pad_prompts, sample_token
+from conftest import random_params
 
 CFG = ModelConfig.tiny()
 PROMPTS = [[5, 17, 42, 9, 100], [7, 3], [200, 201, 202, 203, 204, 205, 206], [1]]
@@ -25,20 +26,6 @@ SAMPLES = 2  # 4 prompts x 2 = 8 rows: divides data×fsdp on every 8-device mesh
 _forward = jax.jit(forward, static_argnums=0)
 _forward_with_cache = jax.jit(forward_with_cache, static_argnums=0)
 _token_logprobs = jax.jit(token_logprobs, static_argnums=0, static_argnames="temperature")
-
-
-def random_params(cfg, seed=0, std=0.02):
-    """Params with exactly init_params' tree, shapes and dtypes, drawn with numpy (compiling the jax initialiser
-    costs seconds per config). Norm scales are 1 ± 0.1 and biases nonzero, so a dropped scale or bias shows."""
-    shapes = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
-    rng = np.random.default_rng(seed)
-
-    def one(path, s):
-        is_scale = path[-1].key == "scale"
-        return jnp.asarray((1.0 if is_scale else 0.0) + (0.1 if is_scale else std) * rng.standard_normal(s.shape),
-                           s.dtype)
-
-    return jax.tree_util.tree_map_with_path(one, shapes)
 
 
 @pytest.fixture(scope="module")

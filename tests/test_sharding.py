@@ -10,23 +10,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from exprl_jax import sharding as shd
 from exprl_jax.models import ModelConfig, forward, init_boxed, init_params
 from exprl_jax.train_state import init_train_state
+from conftest import random_params
 
 CFG = ModelConfig.tiny()
 _forward = jax.jit(forward, static_argnums=0)
-
-
-def random_params(cfg, seed=0, std=0.02):
-    """Params with exactly init_params' tree, shapes and dtypes, drawn with numpy (compiling the jax initialiser
-    costs seconds per config)."""
-    shapes = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
-    rng = np.random.default_rng(seed)
-
-    def one(path, s):
-        is_scale = path[-1].key == "scale"
-        return jnp.asarray((1.0 if is_scale else 0.0) + (0.1 if is_scale else std) * rng.standard_normal(s.shape),
-                           s.dtype)
-
-    return jax.tree_util.tree_map_with_path(one, shapes)
 
 
 def _boxed_shapes(cfg):
