@@ -259,3 +259,25 @@ def default_config_dict():
     import ml_collections
 
     return ml_collections.ConfigDict(to_dict(ExperimentConfig()))
+
+
+def load_config(path: str, **overrides) -> ExperimentConfig:
+    """An ExperimentConfig from a config file's `get_config()`, with dotted-key overrides (`**{"train.steps": 2}`),
+    checked like command-line overrides."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exprl_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    values = module.get_config().to_dict()
+    for dotted, value in overrides.items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if p not in node:
+                raise KeyError(f"unknown config key: {dotted}")
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"unknown config key: {dotted}")
+        node[leaf] = value
+    return from_dict(ExperimentConfig, values)

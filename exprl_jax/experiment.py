@@ -158,7 +158,8 @@ class Experiment:
                                             params=init_params_host)
         # frozen initial policy: the KL reference and the self-distillation teacher (a separate buffer: the
         # training state is donated every step)
-        self.ref_params = jax.tree.map(jnp.copy, state.params) if self.spec.samples else None
+        needs_ref = self.spec.teacher or (self.spec.samples and cfg.loss.kl_coef > 0)
+        self.ref_params = jax.tree.map(jnp.copy, state.params) if needs_ref else None
         ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=cfg.train.save_every,
                             max_to_keep=cfg.train.keep_checkpoints)
         start = 0
@@ -233,6 +234,7 @@ class Experiment:
         progress = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc=cfg.method,
                         dynamic_ncols=True, disable=None)
         for step in progress:
+            step_start = time.time()
             key = jax.random.fold_in(base_key, step)
             if not self.spec.samples:
                 state, metrics = runner.sft_step(state, self._records(step), jax.random.fold_in(key, 1))
@@ -261,6 +263,7 @@ class Experiment:
                                 "time/update_s": time.time() - t,
                                 "time/device_while_judging_s": device_done - t_device,
                                 "time/judge_hidden_frac": 1.0 - waited / judge_s if judge_s > 0 else 1.0})
+            metrics["time/step_s"] = time.time() - step_start
             row = logger.log(step + 1, metrics, console=False)
             progress.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in ("loss/total", "reward/mean",
                                   "reward/sparse_acc") if isinstance(row.get(k), float)})

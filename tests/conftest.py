@@ -22,21 +22,9 @@ os.environ.setdefault("EXPRL_JAX_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 def smoke_config(**overrides):
     """The smoke experiment config as a typed ExperimentConfig, with dotted-key overrides ("train.steps": 2)."""
-    import importlib.util
+    from exprl_jax.config import load_config
 
-    from exprl_jax.config import ExperimentConfig, from_dict
-
-    spec = importlib.util.spec_from_file_location("smoke", os.path.join(ROOT, "experiments/configs/smoke.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    values = module.get_config().to_dict()
-    for dotted, value in overrides.items():
-        node = values
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return from_dict(ExperimentConfig, values)
+    return load_config(os.path.join(ROOT, "experiments/configs/smoke.py"), **overrides)
 
 
 def random_params(cfg, seed=0, std=0.02):
