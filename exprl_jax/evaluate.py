@@ -82,7 +82,9 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
                     max_new_tokens: int, template: str, answer_style: str, eos, pad: int, mesh=None,
                     delimiter: str = "###", prompts_per_batch: int = 0) -> dict:
     """n samples per problem at `temperature`, answers checked for equivalence (not string equality), pass@k for
-    k = 1, 2, 4, ... n, and behaviour statistics (SPEC §7). Returns {"metrics", "pass_at_k", "per_problem"}."""
+    k = 1, 2, 4, ... n, and behaviour statistics (SPEC §7). Records that carry `checkpoints` also get exact-trace
+    success (right answer and every checkpoint written, `exact_pass@k`) and the mean share of checkpoints written.
+    Returns {"metrics", "pass_at_k", "per_problem"}."""
     import jax
     import numpy as np
 
@@ -93,7 +95,9 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
     sampling = RolloutSection(group_size=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
                               top_p=1.0, top_k=0)
     batch = prompts_per_batch or len(records)
-    correct_counts, lengths, truncated, segments, texts = [], [], [], [], []
+    from exprl_jax.judge.programmatic import checkpoints_of, statements
+
+    correct_counts, exact_counts, checkpoint_fracs, lengths, truncated, segments, texts = [], [], [], [], [], [], []
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
         r = sample_rollouts(model_cfg, params, tokenizer, chunk, jax.random.fold_in(rng, start),
@@ -102,9 +106,18 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
         checks = check_answers(preds, [rec.answer for rec in r.row_records()])
         ok = np.array([c.correct for c in checks]) & ~r.truncated
         correct_counts += ok.reshape(len(chunk), num_samples).sum(axis=1).tolist()
+        if all(rec.checkpoints for rec in chunk):
+            fracs = []
+            for text, rec in zip(r.texts, r.row_records()):
+                written = statements(text)
+                wanted = checkpoints_of("\n".join(rec.checkpoints))
+                fracs.append(sum(v in written.get(n, ()) for n, v in wanted) / len(wanted))
+            fracs = np.asarray(fracs)
+            checkpoint_fracs += fracs.tolist()
+            exact_counts += (ok & (fracs == 1.0)).reshape(len(chunk), num_samples).sum(axis=1).tolist()
         lengths += r.lengths.tolist()
         truncated += r.truncated.tolist()
-        segments += [t.count(delimiter) + (0 if t.endswith(delimiter) else 1) for t in r.texts]
+        segments += [sum(1 for piece in t.split(delimiter) if piece.strip()) for t in r.texts]
         texts += r.texts
     ks = default_ks(num_samples)
     table = pass_at_k_table([num_samples] * len(records), correct_counts, ks)
@@ -115,6 +128,10 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
         "never_solved_frac": float(np.mean(np.asarray(correct_counts) == 0)),
         "problems": len(records),
     })
+    if len(exact_counts) == len(records):
+        exact = pass_at_k_table([num_samples] * len(records), exact_counts, ks)
+        metrics.update({f"exact_pass@{k}": v for k, v in exact.items()})
+        metrics["checkpoint_frac"] = float(np.mean(checkpoint_fracs))
     per_problem = [{"id": rec.id, "correct": c, "samples": num_samples, "example": texts[i * num_samples][:500]}
                    for i, (rec, c) in enumerate(zip(records, correct_counts))]
     return {"metrics": metrics, "pass_at_k": {str(k): v for k, v in table.items()}, "per_problem": per_problem}
