@@ -32,7 +32,8 @@ def main(argv):
     existing = load_rubrics(_OUT.value) if os.path.exists(_OUT.value) else {}
     rubrics, failures = asyncio.run(build_rubrics(backend, train + evals, existing=existing))
     save_rubrics(_OUT.value, rubrics, template_key="rubric-builder.v1", judge_model=backend.model)
-    print(f"{len(rubrics)} rubrics in {_OUT.value}; {len(failures)} problems failed: {dict(list(failures.items())[:5])}")
+    shown = dict(list(failures.items())[:5])
+    print(f"{len(rubrics)} rubrics in {_OUT.value}; {len(failures)} problems failed: {shown}")
 
 
 if __name__ == "__main__":

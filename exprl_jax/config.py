@@ -183,8 +183,8 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
     """Replaces every "auto" loss field with the method's SPEC value; explicit values are kept (and checked)."""
     defaults = METHOD_LOSS_DEFAULTS[cfg.method]
     loss = cfg.loss
-    changes = {k: v for k, v in defaults.items()
-               if (k == "scale_by_std" and loss.scale_by_std == "auto") or (k != "scale_by_std" and getattr(loss, k) < 0)}
+    is_auto = {k: (getattr(loss, k) == "auto") if k == "scale_by_std" else getattr(loss, k) < 0 for k in defaults}
+    changes = {k: v for k, v in defaults.items() if is_auto[k]}
     loss = dataclasses.replace(loss, **changes)
     if loss.scale_by_std not in ("true", "false"):
         raise ValueError(f"config.loss.scale_by_std={loss.scale_by_std!r}; expected 'true', 'false' or 'auto'")

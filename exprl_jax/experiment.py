@@ -42,10 +42,22 @@ def params_sha256(params) -> str:
     return h.hexdigest()
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_path(path: str) -> str:
+    """A relative path that does not exist from the working directory is taken relative to the repository root,
+    so shipped assets (e.g. assets/testbed_base) are found from anywhere."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(REPO_ROOT, path)
+    return candidate if os.path.exists(candidate) else path
+
+
 def build_model(cfg: config_lib.ExperimentConfig, seed: int):
     """(model config, initial params on host, tokenizer). Precedence: init_checkpoint > hf_path > preset init."""
     m = cfg.model
-    source = m.init_checkpoint and os.path.join(m.init_checkpoint, "final_hf") or m.hf_path
+    source = m.init_checkpoint and os.path.join(resolve_path(m.init_checkpoint), "final_hf") or resolve_path(m.hf_path)
     if source:
         from exprl_jax.models.hf import load_hf
 

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from exprl_jax import sharding as shd
-from exprl_jax.models import ModelConfig, forward, forward_with_cache, init_boxed, init_cache, init_params
+from exprl_jax.models import ModelConfig, forward, forward_with_cache, init_boxed, init_cache
 from exprl_jax.models import token_logprobs
 from exprl_jax.models.transformer import positions_from_mask
 from exprl_jax.sampling import _filter_logits, generate, pad_prompts, sample_token

@@ -1,14 +1,13 @@
 """Mesh construction, the logical-axis rule table (golden specs), sharded params, and that sharding never changes
 the numbers: the forward on every mesh equals the single-device forward."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from exprl_jax import sharding as shd
-from exprl_jax.models import ModelConfig, forward, init_boxed, init_params
+from exprl_jax.models import ModelConfig, forward, init_boxed
 from exprl_jax.train_state import init_train_state
 from conftest import random_params
 

@@ -21,7 +21,7 @@ from exprl_jax.data import DataError, QARecord, load_gsm8k, load_math
 from exprl_jax.judge.monitors import CORRECT_REWARD, rates
 from exprl_jax.judge.reward import JudgeReward
 from exprl_jax.rewards.answers import extract_answer
-from exprl_jax.rewards.base import RewardBatch, Span
+from exprl_jax.rewards.base import RewardBatch
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,135 @@
+"""The paper's comparison in miniature (SPEC §8) on the CPU testbed: every Stage-I arm, then the same Stage II,
+over several seeds, written up as RESULTS.md.
+
+  python experiments/replicate.py --workdir=workdir/replicate --seeds=0,1,2            # the full run (hours)
+  python experiments/replicate.py --workdir=/tmp/rep --seeds=0 --quick                  # a few steps, minutes
+
+Arms: base (no Stage I), sft (on references), grpo (sparse), self_distill, exprl_outcome, exprl_process
+(DeltaNorm, single_segment="zero") and exprl_process_score (single_segment="score", for the delimiter-collapse
+comparison of SPEC §4). Every RL arm samples the same number of rollouts per step; SFT trains on the same number
+of sequences per step (its references).
+"""
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from exprl_jax.config import load_config  # noqa: E402
+from exprl_jax.experiment import enable_compilation_cache  # noqa: E402
+from exprl_jax.metrics import read_metrics  # noqa: E402
+from exprl_jax.pipeline import run_pipeline  # noqa: E402
+
+ARMS = ("base", "sft", "grpo", "self_distill", "exprl_outcome", "exprl_process", "exprl_process_score")
+_WORKDIR = flags.DEFINE_string("workdir", os.path.join(ROOT, "workdir", "replicate"), "Output directory.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+_ARMS = flags.DEFINE_list("arms", list(ARMS), "Arms to run.")
+_CONFIG = flags.DEFINE_string("config", os.path.join(ROOT, "experiments", "configs", "default.py"),
+                              "The base config (Stage I ExpRL-Outcome + Stage II).")
+_QUICK = flags.DEFINE_bool("quick", False, "A few steps per stage (CI-sized).")
+_RESULTS = flags.DEFINE_string("results", "", "Where to write the Markdown report (default <workdir>/RESULTS.md).")
+
+
+def arm_config(name: str, seed: int, quick: bool):
+    base = load_config(_CONFIG.value, seed=seed)
+    overrides = {"seed": seed, "name": f"{name}_seed{seed}"}
+    method = {"base": "grpo", "exprl_process_score": "exprl_process"}.get(name, name)
+    overrides["method"] = method
+    if name == "base":
+        overrides.update({"train.steps": 0, "eval.at_end": False})  # Stage II straight from the base model
+    else:
+        overrides["eval.at_start"] = False  # the base model is evaluated once, in the base arm
+    if name == "sft":
+        overrides["train.batch_size"] = base.rollout.prompts_per_step * base.rollout.group_size
+    if name == "exprl_process_score":
+        overrides["process.single_segment"] = "score"
+    if quick:
+        overrides.update({"train.steps": 0 if name == "base" else 2, "stage2.steps": 2, "eval.num_samples": 4,
+                          "data.num_eval": 8, "testbed.num_pool": 64})
+    return load_config(_CONFIG.value, **overrides)
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return "n/a"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def _segments_trend(workdir: str) -> str:
+    rows = [r for r in read_metrics(os.path.join(workdir, "stage1", "metrics.jsonl")) if "segments/mean" in r]
+    if not rows:
+        return "n/a"
+    picks = [rows[0], rows[len(rows) // 2], rows[-1]]
+    return " → ".join(f"{r['segments/mean']:.2f} (step {r['step']})" for r in picks)
+
+
+def write_report(results: dict, path: str, command: str, wall_s: float, seeds) -> None:
+    def metric(arm, stage, key):
+        return [((r.get(stage) or {}).get("metrics") or {}).get(key) for r in results[arm].values()]
+
+    lines = ["# RESULTS: the ExpRL comparison in miniature (CPU testbed)", "",
+             f"Command: `{command}`  ", f"Wall time: {wall_s / 60:.1f} min; machine: {platform.machine()}, "
+             f"{os.cpu_count()} cores, {platform.python_version()}; seeds: {', '.join(map(str, seeds))}.", "",
+             "## Stage I (mean ± std over seeds; eval set at the Stage-I difficulty)", "",
+             "| arm | pass@1 | pass@16 | exact pass@1 | checkpoint share | response length | segments/response | "
+             "never solved |", "|---|---|---|---|---|---|---|---|"]
+    for arm in results:
+        stage = "base" if arm == "base" else "stage1"
+        lines.append(f"| {arm} | " + " | ".join(_mean_std(metric(arm, stage, k)) for k in (
+            "pass@1", "pass@16", "exact_pass@1", "checkpoint_frac", "response_length", "segments_per_response",
+            "never_solved_frac")) + " |")
+    lines += ["", "## After Stage II (sparse GRPO from each Stage-I checkpoint)", "",
+              "| arm | pass@1 | pass@16 | exact pass@1 | never solved |", "|---|---|---|---|---|"]
+    for arm in results:
+        lines.append(f"| {arm} | " + " | ".join(_mean_std(metric(arm, "stage2", k)) for k in (
+            "pass@1", "pass@16", "exact_pass@1", "never_solved_frac")) + " |")
+    lines += ["", "## Segments per response during Stage I (ExpRL-Process, SPEC §4)", ""]
+    for arm in ("exprl_process", "exprl_process_score"):
+        for seed, r in results.get(arm, {}).items():
+            lines.append(f"- {arm}, seed {seed}: {_segments_trend(r['workdir'])}")
+    lines += ["", "## pass@k curves", ""]
+    for arm, per_seed in results.items():
+        first = next(iter(per_seed.values()))
+        png = os.path.relpath(os.path.join(first["workdir"], "pass_at_k.png"), os.path.dirname(path))
+        lines.append(f"- {arm} (seed {next(iter(per_seed))}): ![{arm}]({png})")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    enable_compilation_cache()
+    seeds = [int(s) for s in _SEEDS.value]
+    unknown = set(_ARMS.value) - set(ARMS)
+    if unknown:
+        raise ValueError(f"unknown arms {sorted(unknown)}; expected some of {ARMS}")
+    t0 = time.time()
+    results: dict = {}
+    for arm in _ARMS.value:
+        for seed in seeds:
+            cfg = arm_config(arm, seed, _QUICK.value)
+            workdir = os.path.join(_WORKDIR.value, arm, f"seed{seed}")
+            print(f"== {arm} seed {seed}: {workdir}", flush=True)
+            summary = run_pipeline(cfg, workdir)
+            results.setdefault(arm, {})[seed] = {k: summary.get(k) for k in ("base", "stage1", "stage2")}
+            results[arm][seed]["workdir"] = workdir
+            results[arm][seed]["config"] = dataclasses.asdict(cfg)
+    wall = time.time() - t0
+    with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    report = _RESULTS.value or os.path.join(_WORKDIR.value, "RESULTS.md")
+    write_report(results, report, " ".join(["python", "experiments/replicate.py"] + sys.argv[1:]), wall, seeds)
+    print(open(report).read())
+
+
+if __name__ == "__main__":
+    app.run(main)
