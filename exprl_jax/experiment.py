@@ -22,7 +22,6 @@ from exprl_jax.data import QARecord, load_gsm8k, load_math, read_jsonl
 from exprl_jax.metrics import MetricsLogger, read_metrics
 from exprl_jax.methods import METHOD_SPECS, batch_ndims, make_loss_fn
 from exprl_jax.models.config import ModelConfig
-from exprl_jax.models.transformer import init_params
 from exprl_jax.rollouts import save_rollouts
 from exprl_jax.tokenizer import eos_ids, load_tokenizer, pad_id
 from exprl_jax.train_state import init_train_state, make_optimizer, make_train_step
@@ -54,14 +53,15 @@ def resolve_path(path: str) -> str:
     return candidate if os.path.exists(candidate) else path
 
 
-def build_model(cfg: config_lib.ExperimentConfig, seed: int):
-    """(model config, initial params on host, tokenizer). Precedence: init_checkpoint > hf_path > preset init."""
+def build_model(cfg: config_lib.ExperimentConfig, mesh=None):
+    """(model config, loaded params or None, tokenizer). Precedence: init_checkpoint > hf_path (loaded tensor by
+    tensor onto `mesh`) > a preset, whose params `init_train_state` then initialises directly on the mesh."""
     m = cfg.model
     source = m.init_checkpoint and os.path.join(resolve_path(m.init_checkpoint), "final_hf") or resolve_path(m.hf_path)
     if source:
         from exprl_jax.models.hf import load_hf
 
-        model_cfg, params = load_hf(source, dtype=m.dtype)
+        model_cfg, params = load_hf(source, dtype=m.dtype, mesh=mesh)
         tokenizer = load_tokenizer(source if os.path.isfile(os.path.join(source, "tokenizer.json")) else m.tokenizer)
         return model_cfg, params, tokenizer
     tokenizer = load_tokenizer(m.tokenizer)
@@ -75,7 +75,7 @@ def build_model(cfg: config_lib.ExperimentConfig, seed: int):
                                   pad_token_id=pad_id(tokenizer), bos_token_id=tokenizer.bos_token_id, **overrides)
     if model_cfg.vocab_size < len(tokenizer):
         raise ValueError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(tokenizer)}")
-    return model_cfg, jax.device_get(init_params(model_cfg, jax.random.key(seed))), tokenizer
+    return model_cfg, None, tokenizer  # None: init_train_state creates the params already sharded
 
 
 def load_records(cfg: config_lib.ExperimentConfig) -> tuple[list[QARecord], list[QARecord], dict]:
@@ -162,12 +162,12 @@ class Experiment:
                 return json.load(f)
 
         self.mesh = shd.make_mesh(cfg.mesh.shape)
-        self.model_cfg, init_params_host, self.tokenizer = build_model(cfg, cfg.seed)
+        self.model_cfg, loaded_params, self.tokenizer = build_model(cfg, self.mesh)
         self.eos, self.pad = eos_ids(self.tokenizer), pad_id(self.tokenizer)
         self.train_records, self.eval_records, data_stats = load_records(cfg)
         optimizer = make_optimizer(cfg.optim)
         state, shardings = init_train_state(self.model_cfg, optimizer, jax.random.key(cfg.seed), self.mesh,
-                                            params=init_params_host)
+                                            params=loaded_params)
         # frozen initial policy: the KL reference and the self-distillation teacher (a separate buffer: the
         # training state is donated every step)
         needs_ref = self.spec.teacher or (self.spec.samples and cfg.loss.kl_coef > 0)

@@ -115,7 +115,7 @@ def test_stage2_starts_from_a_stage1_checkpoint(tmp_path):
     first = Experiment(stage1, str(tmp_path / "stage1")).run()
     stage2 = smoke_config(**{"method": "stage2", "model.init_checkpoint": str(tmp_path / "stage1"),
                              "train.steps": 1, "eval.at_start": False, "eval.at_end": False})
-    _, params, _ = build_model(stage2, seed=stage2.seed)
+    _, params, _ = build_model(stage2)
     assert params_sha256(params) == first["params_sha256"]
     resolved = Experiment(stage2, str(tmp_path / "stage2")).cfg.loss
     assert (resolved.kl_coef, resolved.entropy_coef, resolved.scale_by_std) == (0.0, 1e-4, "false")
