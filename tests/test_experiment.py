@@ -148,3 +148,15 @@ def test_jsonl_data_with_skipped_rows_is_counted_in_metrics(tmp_path):
     Experiment(cfg, str(tmp_path / "run")).run()
     row0 = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))[0]
     assert row0["step"] == 0 and row0["data/skipped"] == 1 and row0["data/skipped/reference: empty"] == 1
+
+
+def test_first_update_is_on_policy_at_any_temperature(tmp_path):
+    """Sampling, old, new and reference log-probs share one temperature-scaled distribution: before any update
+    the importance ratio is 1 and the KL to the reference 0. (A trainer scoring at temperature 1 while sampling
+    at 0.6 gives ratios far from 1.)"""
+    cfg = smoke_config(**{"method": "grpo", "train.steps": 1, "eval.at_start": False, "eval.at_end": False,
+                          "rollout.temperature": 0.6, "loss.ppo_mini_batch_size": 0})
+    Experiment(cfg, str(tmp_path)).run()
+    row = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "loss/total" in r][0]
+    assert abs(row["ratio/max"] - 1.0) < 1e-4 and abs(row["ratio/mean"] - 1.0) < 1e-5
+    assert abs(row["kl/ref"]) < 1e-6 and row["clip/frac_low"] == 0.0 and row["clip/frac_high"] == 0.0
