@@ -97,6 +97,7 @@ class JudgeSection:
     cache: bool = True  # content-addressed answer cache under <workdir>/judge_cache
     use_reference: bool = True
     rubric_path: str = ""  # JSON of per-problem checkpoints built once (optional)
+    max_unscored_steps: int = 5  # stop after this many consecutive steps with nothing scored (0 = never)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

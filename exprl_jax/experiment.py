@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,9 @@ from exprl_jax.models.config import ModelConfig
 from exprl_jax.rollouts import save_rollouts
 from exprl_jax.tokenizer import eos_ids, load_tokenizer, pad_id
 from exprl_jax.train_state import init_train_state, make_optimizer, make_train_step
+
+
+log = logging.getLogger(__name__)
 
 
 class ResumeRefused(RuntimeError):
@@ -242,6 +246,7 @@ class Experiment:
             pending = load_rollouts(pending_path(start), self._records(start), self.tokenizer, self.eos)
         from tqdm import tqdm
 
+        unscored_streak = 0
         pool = ThreadPoolExecutor(max_workers=1)  # the judge runs beside the device, never inside jit
         progress = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc=cfg.method,
                         dynamic_ncols=True, disable=None)
@@ -268,8 +273,20 @@ class Experiment:
                 waited = max(0.0, time.time() - device_done)
                 batch, metrics = runner.build_batch(rollouts, scored, ref_logprobs)
                 t = time.time()
-                state, update_metrics = runner.update(state, batch, jax.random.fold_in(key, 1))
-                metrics.update(update_metrics)
+                if batch["response_mask"].any():
+                    state, update_metrics = runner.update(state, batch, jax.random.fold_in(key, 1))
+                    metrics.update(update_metrics)
+                else:  # nothing scored: no update, so AdamW does not decay the weights on a zero gradient
+                    metrics["update/skipped"] = 1.0
+                    log.warning("step %d: no rollout could be scored; update skipped", step + 1)
+                judge_dead = metrics.get("judge/calls", 0) > 0 and metrics.get("judge/unscored_frac") == 1.0
+                unscored_streak = unscored_streak + 1 if judge_dead else 0
+                if unscored_streak >= cfg.judge.max_unscored_steps > 0:
+                    logger.log(step + 1, metrics, console=False)
+                    raise RuntimeError(
+                        f"{unscored_streak} consecutive steps in which every judge call failed "
+                        f"({ {k: v for k, v in metrics.items() if k.startswith('judge/unscored/')} }): the judge "
+                        "looks unavailable. The last checkpoint is kept; fix the judge and re-run the same command.")
                 # judge_hidden_frac: the share of the judge's wall time spent while the device was busy
                 metrics.update({"time/sample_s": sample_s, "time/reward_s": judge_s,
                                 "time/update_s": time.time() - t,

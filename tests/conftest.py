@@ -45,3 +45,18 @@ def random_params(cfg, seed=0, std=0.02):
                            s.dtype)
 
     return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy_base(tmp_path_factory):
+    """A workdir whose final_hf is the tiny model taught the toy-addition format by SFT: its rollouts end with EOS
+    and so reach the judge (a random model's are almost all truncated, which scores 0 without a judge call)."""
+    from exprl_jax.experiment import Experiment
+
+    workdir = str(tmp_path_factory.mktemp("toy_base"))
+    Experiment(smoke_config(**{"method": "sft", "train.steps": 120, "optim.learning_rate": 3e-3,
+                               "eval.at_start": False, "eval.at_end": False}), workdir).run()
+    return workdir

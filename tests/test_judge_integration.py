@@ -141,3 +141,22 @@ def test_rubrics_built_once_stored_and_used(tmp_path):
         json.dump({"format": "exprl-rubrics-v1", "rubrics": [{"problem": "P", "checkpoints": []}]}, f)
     with pytest.raises(ValueError, match=r"rubrics\[0\]: field 'checkpoints'"):
         load_rubrics(path)
+
+
+def test_a_dead_judge_skips_updates_then_stops_the_run(tmp_path, toy_base):
+    """Every judge call fails: those rollouts are unscored (never 0) and after judge.max_unscored_steps such
+    steps the run stops with a clear error, keeping its last checkpoint; a step with no scored rollout at all
+    takes no update (AdamW would still decay the weights)."""
+    with FaultServer(fault_rate=1.0, faults=("http_503",), retry_after_s=0.01) as url:
+        cfg = smoke_config(**{"train.steps": 5, "eval.at_start": False, "eval.at_end": False,
+                              "judge.backend": "openai", "judge.base_url": url, "judge.model": "down",
+                              "judge.max_retries": 0, "judge.max_unscored_steps": 2, "judge.cache": False,
+                              "model.init_checkpoint": toy_base})
+        with pytest.raises(RuntimeError, match="judge looks unavailable"):
+            Experiment(cfg, str(tmp_path)).run()
+    rows = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["judge/unscored_frac"] == 1.0 and r["judge/unscored/http_503"] == r["judge/calls"] for r in rows)
+    for r in rows:  # unscored rows are masked out; a step where only those remain is skipped
+        assert (r.get("update/skipped") == 1.0) == (r["reward/unscored_frac"] == 1.0)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
