@@ -65,10 +65,24 @@ def _run(workdir, *extra, wait=True):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overlap", ["false", "true"])
-def test_resume_after_sigkill_is_bitwise_and_refuses_other_configs(tmp_path, overlap):
-    """With judge.overlap the rollouts of the next step are already sampled at each checkpoint: they are saved
-    with it, so the resumed run trains on exactly the same samples."""
-    extra = (f"--config.judge.overlap={overlap}",)
+def test_resume_after_sigkill_is_bitwise_and_refuses_other_configs(tmp_path, overlap, toy_base):
+    """SIGKILL in the middle of step 3, re-run the same command: the final params are bit-identical to an
+    uninterrupted run's. With judge.overlap the rollouts of the next step are already sampled at each checkpoint:
+    they are saved with it, so the resumed run trains on exactly the same samples. The judge is an HTTP server
+    that takes 0.3 s a call, so each step lasts long enough to be interrupted inside it."""
+    from judge_fault_server import FaultServer
+
+    server = FaultServer(fault_rate=0.0, delay_s=0.3)
+    url = server.start()
+    extra = (f"--config.judge.overlap={overlap}", f"--config.model.init_checkpoint={toy_base}",
+             "--config.judge.backend=openai", f"--config.judge.base_url={url}", "--config.judge.model=slow")
+    try:
+        _check_sigkill_resume(tmp_path, extra)
+    finally:
+        server.close()
+
+
+def _check_sigkill_resume(tmp_path, extra):
     full = _run(tmp_path / "full", *extra)
     assert full.returncode == 0, full.stdout + full.stderr
     expected = json.loads((tmp_path / "full" / "results.json").read_text())["params_sha256"]
@@ -78,7 +92,7 @@ def test_resume_after_sigkill_is_bitwise_and_refuses_other_configs(tmp_path, ove
     deadline = time.time() + 300
     while time.time() < deadline and not (killed_dir / "checkpoints" / "2").exists():
         time.sleep(0.05)
-    time.sleep(0.3)  # somewhere inside step 3: sampling, judging or updating
+    time.sleep(0.15)  # inside step 3 (which waits >= 0.3 s on its judge calls)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed_dir / "results.json").exists(), "the run finished before it could be killed"
