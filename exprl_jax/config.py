@@ -45,6 +45,7 @@ class DataSection:
     num_eval: int = 64
     on_bad_row: str = "error"  # or "skip" (skipped rows are counted in metrics)
     prompt_template: str = "{problem}\n"  # only {problem}: the reference never reaches the policy
+    chat_template: bool = False  # wrap the prompt as a user turn of the tokenizer's chat template
     answer_style: str = "boxed"  # how the final answer is extracted: "boxed", "gsm8k", "auto"
     shuffle: bool = True
 

@@ -80,7 +80,7 @@ def default_ks(n: int) -> list[int]:
 
 def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: int, temperature: float,
                     max_new_tokens: int, template: str, answer_style: str, eos, pad: int, mesh=None,
-                    delimiter: str = "###", prompts_per_batch: int = 0) -> dict:
+                    delimiter: str = "###", prompts_per_batch: int = 0, chat: bool = False) -> dict:
     """n samples per problem at `temperature`, answers checked for equivalence (not string equality), pass@k for
     k = 1, 2, 4, ... n, and behaviour statistics (SPEC §7). Records that carry `checkpoints` also get exact-trace
     success (right answer and every checkpoint written, `exact_pass@k`) and the mean share of checkpoints written.
@@ -101,7 +101,7 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
         r = sample_rollouts(model_cfg, params, tokenizer, chunk, jax.random.fold_in(rng, start),
-                            rollout_cfg=sampling, template=template, eos=eos, pad=pad, mesh=mesh)
+                            rollout_cfg=sampling, template=template, eos=eos, pad=pad, mesh=mesh, chat=chat)
         preds = [extract_answer(t, style=answer_style) for t in r.texts]
         checks = check_answers(preds, [rec.answer for rec in r.row_records()])
         ok = np.array([c.correct for c in checks]) & ~r.truncated

@@ -40,8 +40,21 @@ class Rollouts:
         return [r for r in self.records for _ in range(self.group_size)]
 
 
-def encode_prompts(tokenizer, records: Sequence[QARecord], template: str) -> list[list[int]]:
-    prompts = [tokenizer.encode(build_prompt(r, template), add_special_tokens=False) for r in records]
+def prompt_text(tokenizer, record: QARecord, template: str, chat: bool = False) -> str:
+    """The policy's prompt: the problem in `template` (never the reference), as a user turn of the tokenizer's
+    chat template when `chat` (instruction-tuned models, e.g. Qwen3-4B-Instruct)."""
+    text = build_prompt(record, template)
+    if not chat:
+        return text
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.chat_template=True but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer, records: Sequence[QARecord], template: str, chat: bool = False) -> list[list[int]]:
+    prompts = [tokenizer.encode(prompt_text(tokenizer, r, template, chat), add_special_tokens=False)
+               for r in records]
     for r, p in zip(records, prompts):
         if not p:
             raise ValueError(f"record {r.id}: the prompt encodes to zero tokens")
@@ -59,12 +72,12 @@ def decode_responses(tokenizer, tokens: np.ndarray, lengths: np.ndarray, eos: Se
 
 
 def sample_rollouts(model_cfg: ModelConfig, params, tokenizer, records: Sequence[QARecord], rng, *, rollout_cfg,
-                    template: str, eos: Sequence[int], pad: int, mesh=None, num_samples: int | None = None,
-                    temperature: float | None = None, max_new_tokens: int | None = None) -> Rollouts:
-    prompts = encode_prompts(tokenizer, records, template)
-    G = num_samples or rollout_cfg.group_size
-    out = generate(model_cfg, params, prompts, rng, max_new_tokens=max_new_tokens or rollout_cfg.max_new_tokens,
-                   num_samples=G, temperature=rollout_cfg.temperature if temperature is None else temperature,
+                    template: str, eos: Sequence[int], pad: int, mesh=None, chat: bool = False) -> Rollouts:
+    """`rollout_cfg.group_size` samples of each record's prompt at `rollout_cfg.temperature` (a RolloutSection)."""
+    prompts = encode_prompts(tokenizer, records, template, chat)
+    G = rollout_cfg.group_size
+    out = generate(model_cfg, params, prompts, rng, max_new_tokens=rollout_cfg.max_new_tokens,
+                   num_samples=G, temperature=rollout_cfg.temperature,
                    top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, eos_ids=eos, pad_id=pad, mesh=mesh).to_numpy()
     prompt_tokens, prompt_mask = pad_prompts(prompts, pad)
     return Rollouts(records=list(records), group_size=G, prompt_tokens=np.repeat(prompt_tokens, G, axis=0),

@@ -10,22 +10,24 @@ import numpy as np
 
 from exprl_jax import advantages as adv_lib
 from exprl_jax import sharding as shd
-from exprl_jax.data import QARecord, build_prompt
+from exprl_jax.data import QARecord
 from exprl_jax.rewards.answers import check_answers, extract_answer
 from exprl_jax.rewards.base import RewardBatch, Span, score_sync
 from exprl_jax.rewards.sparse import no_correct_frac
-from exprl_jax.rollouts import Rollouts, minibatches, sample_rollouts, score_responses, sequence_batch
+from exprl_jax.rollouts import (Rollouts, minibatches, prompt_text, sample_rollouts, score_responses,
+                                sequence_batch)
 from exprl_jax.sampling import pad_prompts
 
 
-def sft_batch(records: list[QARecord], tokenizer, *, seq_len: int, template: str, eos: int, pad: int):
+def sft_batch(records: list[QARecord], tokenizer, *, seq_len: int, template: str, eos: int, pad: int,
+              chat: bool = False):
     """(problem prompt -> reference + EOS) sequences, right-padded/truncated to seq_len; loss on reference tokens."""
     tokens = np.full((len(records), seq_len), pad, np.int32)
     attention = np.zeros((len(records), seq_len), np.int32)
     loss_mask = np.zeros((len(records), seq_len - 1), np.float32)
     truncated = 0
     for i, r in enumerate(records):
-        prompt = tokenizer.encode(build_prompt(r, template), add_special_tokens=False)
+        prompt = tokenizer.encode(prompt_text(tokenizer, r, template, chat), add_special_tokens=False)
         target = tokenizer.encode(r.reference, add_special_tokens=False) + [eos]
         seq = (prompt + target)[:seq_len]
         truncated += len(prompt) + len(target) > seq_len
@@ -68,7 +70,8 @@ class StepRunner:
     def sft_step(self, state, records: list[QARecord], key):
         t = time.time()
         batch, metrics = sft_batch(records, self.exp.tokenizer, seq_len=self.cfg.train.seq_len,
-                                   template=self.cfg.data.prompt_template, eos=self.exp.eos[0], pad=self.exp.pad)
+                                   template=self.cfg.data.prompt_template, eos=self.exp.eos[0], pad=self.exp.pad,
+                                   chat=self.cfg.data.chat_template)
         metrics["time/batch_s"] = time.time() - t
         t = time.time()
         state, update_metrics = self.update(state, batch, key)
@@ -79,7 +82,8 @@ class StepRunner:
         t = time.time()
         rollouts = sample_rollouts(self.exp.model_cfg, params, self.exp.tokenizer, records, key,
                                    rollout_cfg=self.cfg.rollout, template=self.cfg.data.prompt_template,
-                                   eos=self.exp.eos, pad=self.exp.pad, mesh=self.exp.mesh)
+                                   eos=self.exp.eos, pad=self.exp.pad, mesh=self.exp.mesh,
+                                   chat=self.cfg.data.chat_template)
         return rollouts, time.time() - t
 
     def reference_logprobs(self, r: Rollouts) -> np.ndarray | None:

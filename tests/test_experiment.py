@@ -174,3 +174,17 @@ def test_first_update_is_on_policy_at_any_temperature(tmp_path):
     row = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "loss/total" in r][0]
     assert abs(row["ratio/max"] - 1.0) < 1e-4 and abs(row["ratio/mean"] - 1.0) < 1e-5
     assert abs(row["kl/ref"]) < 1e-6 and row["clip/frac_low"] == 0.0 and row["clip/frac_high"] == 0.0
+
+
+def test_chat_template_prompts_wrap_only_the_problem():
+    from exprl_jax.data import QARecord
+    from exprl_jax.rollouts import prompt_text
+    from exprl_jax.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    record = QARecord(id="a", problem="2+2=?", reference="SECRET 2+2=4", answer="4")
+    with pytest.raises(ValueError, match="no chat template"):
+        prompt_text(tok, record, "{problem}", chat=True)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert prompt_text(tok, record, "Q: {problem}", chat=True) == "<user>Q: 2+2=?<assistant>"
+    assert prompt_text(tok, record, "Q: {problem}") == "Q: 2+2=?"

@@ -19,6 +19,7 @@ def get_config():
     c.model.param_dtype = "float32"
     c.mesh.shape = (1, -1, 1)  # FSDP over all chips
     c.data.source = "jsonl"
+    c.data.chat_template = True  # an instruction-tuned policy
     c.data.prompt_template = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
     c.rollout.prompts_per_step = 36
     c.rollout.group_size = 10
