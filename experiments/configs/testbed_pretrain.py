@@ -6,7 +6,7 @@ Pre-training of the CPU testbed's shared base (assets/testbed_base; see its READ
 tiny Qwen3-shaped model (0.92M params, character vocabulary) on native traces of mod-10 chain problems.
 Phase "base" (default): short chains, k = 1..4 plus a long_frac share of k = 5..6, sequences of 160 tokens.
 Phase "teacher": a short continuation at lower lr in which half the items put the reference solution in the prompt
-(the self-distillation teacher's format, SPEC §6) over k = 1..8; such prompts need 480-token sequences, which is
+(the self-distillation teacher's format, SPEC §6) over k = 1..8; such prompts need 496-token sequences, which is
 why they are not mixed into the (3x cheaper per step) base phase.
 """
 from exprl_jax.config import default_config_dict
@@ -39,17 +39,17 @@ def get_config(phase: str = "base"):
     c.train.log_every = 10
     c.train.save_every = 100
     c.train.keep_checkpoints = 2
-    c.rollout.max_new_tokens = 112  # the longest k = 4 native trace is 66 characters
+    c.rollout.max_new_tokens = 112  # the longest k = 4 native trace is 67 characters
     c.eval.at_start = False
     c.eval.num_samples = 8
     if phase == "base":
         c.testbed.reference_prompt_frac = 0.0
         c.optim.learning_rate = 2e-3
         c.optim.warmup_steps = 100
-        c.train.steps = 1200
-        c.optim.decay_steps = 1200
+        c.train.steps = 1500
+        c.optim.decay_steps = 1500
         c.train.batch_size = 64
-        c.train.seq_len = 160  # the longest k = 6 item (prompt + native trace + EOS)
+        c.train.seq_len = 176  # the longest k = 6 item (prompt + native trace + EOS) is 164
     else:
         c.model.init_checkpoint = "/tmp/testbed_pretrain"
         c.testbed.reference_prompt_frac = 0.5
@@ -59,5 +59,5 @@ def get_config(phase: str = "base"):
         c.train.steps = 120
         c.optim.decay_steps = 120
         c.train.batch_size = 32
-        c.train.seq_len = 480  # the longest k = 8 reference-conditioned item
+        c.train.seq_len = 496  # the longest k = 8 reference-conditioned item is 485
     return c

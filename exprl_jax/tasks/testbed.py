@@ -4,8 +4,9 @@ and the record views (pre-training, filtered Stage-I set, held-out eval sets) th
 
 A problem gives 1-2 digit constants, then k steps over consecutive letters (from a random start, wrapping z -> a);
 step i always uses step i-1 and either a digit or an earlier variable (a look-up), so every step is needed.
-0-2 distractor steps follow the queried pair. The answer is the last two chain values written together ("91"):
-100 answers, ~1% per uniform guess, and one arithmetic or look-up error anywhere shifts both digits.
+0-2 distractor steps follow the queried variables. The answer is the last three chain values written together
+("913"): 1000 answers, so a sample with a broken chain matches by luck ~0.1% of the time (two values: ~1-2% at
+k >= 7, i.e. a ~20% pass@16 floor on unsolved problems).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from exprl_jax.data import QARecord
 
 LETTERS = string.ascii_lowercase
 MAX_DISTRACTORS = 2
+QUERY_LEN = 3  # the answer is the values of this many last variables
 VAR_OPERAND_P = 0.5  # share of steps whose second operand is an earlier variable rather than a digit
 SWAP_P = 0.3  # share of steps written with the previous variable on the right ("d=5-c")
 # fixed data seeds: every training seed sees the same problems, and the eval sets never change
@@ -41,9 +43,10 @@ class Item:
         return self.steps[:self.k]
 
     @property
-    def query(self) -> tuple[str, str]:
+    def query(self) -> tuple[str, ...]:
+        """The last three variables of the chain (constants count when k < 3)."""
         names = [n for n, _ in self.consts] + [s[0] for s in self.chain]
-        return names[-2], names[-1]
+        return tuple(names[-QUERY_LEN:])
 
 
 def make_item(rng: np.random.Generator, k: int) -> Item:
@@ -104,17 +107,17 @@ def reference_solution(item: Item) -> str:
     """A terse human-style solution: results only, backward planning, or substitution on some steps. Each
     checkpoint still appears as its own `name=value` statement (after `,` `;` or a line break)."""
     rng = np.random.default_rng(item.style_seed)
-    vals, (q1, q2), ans = values(item), item.query, answer(item)
+    vals, query, ans = values(item), ",".join(item.query), answer(item)
     get = lambda x: x if x.isdigit() else str(vals[x])  # noqa: E731
     results = [f"{n}={vals[n]}" for n, *_ in item.chain]
     style = int(rng.integers(3))
     if style == 0:
         per_line = int(rng.integers(2, 4))
         lines = [", ".join(results[i:i + per_line]) for i in range(0, len(results), per_line)]
-        return "\n".join(lines) + f"\nso {q1},{q2} give \\boxed{{{ans}}}"
+        return "\n".join(lines) + f"\nso {query} give \\boxed{{{ans}}}"
     if style == 1:
         plan = ", ".join(f"{n}={left}{op}{right}" for n, left, op, right in reversed(item.chain))
-        return f"We need {q1},{q2}: {plan}.\nForward:\n{', '.join(results)}.\n\\boxed{{{ans}}}"
+        return f"We need {query}: {plan}.\nForward:\n{', '.join(results)}.\n\\boxed{{{ans}}}"
     shown = [f"{n}={get(left)}{op}{get(right)}={vals[n]}" if rng.random() < 0.5 else f"{n}={vals[n]}"
              for n, left, op, right in item.chain]
     return "; ".join(shown) + f".\nHence \\boxed{{{ans}}}"
@@ -130,9 +133,9 @@ def teacher_problem(item: Item) -> str:
 
 
 def max_new_tokens(ks, margin: int = 32) -> int:
-    """A generation budget for chains of up to max(ks) steps: the native trace (14k + 10 characters) plus a
-    margin, rounded up to 16."""
-    return -(-(14 * max(ks) + 10 + margin) // 16) * 16
+    """A generation budget for chains of up to max(ks) steps: the native trace (at most 14k + 11 characters)
+    plus a margin, rounded up to 16."""
+    return -(-(14 * max(ks) + 11 + margin) // 16) * 16
 
 
 def exact_trace_success(text: str, record: QARecord) -> bool:
