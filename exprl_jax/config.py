@@ -108,12 +108,12 @@ class TestbedSection:
     view: str = "stage1"  # "pretrain" (native traces of easy items) or "stage1" (hard items with references)
     pretrain_steps: tuple[int, ...] = (1, 2, 3, 4)  # difficulty (number of dependent steps) of pre-training items
     long_steps: tuple[int, ...] = (5, 6)  # a small share of longer pre-training items, for length generalisation
-    long_frac: float = 0.08
+    long_frac: float = 0.1
     reference_prompt_frac: float = 0.1  # pre-training items whose prompt contains a reference (teacher skill)
     reference_prompt_steps: tuple[int, ...] = ()  # their difficulty; () = pretrain_steps + long_steps
     num_pretrain: int = 65536  # pre-training items generated (the SFT loop cycles through them)
-    stage1_steps: tuple[int, ...] = (6, 7)  # difficulty of the Stage-I set and the same-difficulty eval set
-    harder_steps: tuple[int, ...] = (8,)  # the held-out harder eval set
+    stage1_steps: tuple[int, ...] = (7, 8)  # Stage-I set and same-difficulty eval set (base answer pass@16 ~20%)
+    harder_steps: tuple[int, ...] = (9,)  # the held-out harder eval set (beyond every pre-training chain)
     num_pool: int = 2048  # hard candidates generated before the base-model filter
     hard_filter_k: int = 16  # keep problems the base fails in all k samples (SPEC §2); 0 = no filter
     base_checkpoint: str = "assets/testbed_base"  # the shipped pre-trained base (relative to the repo root)
