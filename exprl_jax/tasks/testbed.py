@@ -5,8 +5,8 @@ and the record views (pre-training, filtered Stage-I set, held-out eval sets) th
 A problem gives 1-2 digit constants, then k steps over consecutive letters (from a random start, wrapping z -> a);
 step i always uses step i-1 and either a digit or an earlier variable (a look-up), so every step is needed.
 0-2 distractor steps follow the queried variables. The answer is the last three chain values written together
-("913"): 1000 answers, so a sample with a broken chain matches by luck ~0.1% of the time (two values: ~1-2% at
-k >= 7, i.e. a ~20% pass@16 floor on unsolved problems).
+("913"): 1000 answers, so a sample with a broken chain matches by luck ~0.1% of the time. (With two values, a base
+matched by luck in ~1-2% of samples at k >= 8: a ~20% pass@16 floor on problems it never solved.)
 """
 from __future__ import annotations
 
