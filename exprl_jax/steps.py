@@ -55,7 +55,7 @@ class StepRunner:
         if exp.spec.reward is not None:
             from exprl_jax.rewards.factory import make_reward_fn
 
-            self.reward_fn = make_reward_fn(self.cfg, exp.workdir, exp.tokenizer, exp.train_records)
+            self.reward_fn = make_reward_fn(self.cfg, exp.workdir, exp.train_records)
         if exp.spec.teacher:
             from exprl_jax.judge.templates import load_template
 

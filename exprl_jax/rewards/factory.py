@@ -7,7 +7,7 @@ import os
 from exprl_jax.methods import METHOD_SPECS
 
 
-def make_judge_backend(judge_cfg, tokenizer=None, records=()):
+def make_judge_backend(judge_cfg, records=()):
     if judge_cfg.backend == "programmatic":
         from exprl_jax.judge.programmatic import ProgrammaticBackend, checkpoints_of
 
@@ -32,7 +32,7 @@ def make_judge_backend(judge_cfg, tokenizer=None, records=()):
     raise ValueError(f"config.judge.backend={judge_cfg.backend!r}; expected 'openai', 'local' or 'programmatic'")
 
 
-def make_reward_fn(cfg, workdir: str, tokenizer=None, records=()):
+def make_reward_fn(cfg, workdir: str, records=()):
     kind = METHOD_SPECS[cfg.method].reward
     if kind == "sparse":
         from exprl_jax.rewards.sparse import SparseReward
@@ -49,7 +49,7 @@ def make_reward_fn(cfg, workdir: str, tokenizer=None, records=()):
 
             rubrics = load_rubrics(j.rubric_path)
         return JudgeReward(
-            make_judge_backend(j, tokenizer, records), mode="outcome" if kind == "judge_outcome" else "process",
+            make_judge_backend(j, records), mode="outcome" if kind == "judge_outcome" else "process",
             process_context=cfg.process.context,
             cache=JudgeCache(os.path.join(workdir, "judge_cache")) if j.cache else None, stats=JudgeStats(),
             rubrics=rubrics, use_reference=j.use_reference)
