@@ -76,7 +76,7 @@ def write_report(results: dict, path: str, command: str, wall_s: float, seeds) -
         return [((r.get(stage) or {}).get("metrics") or {}).get(key) for r in results[arm].values()]
 
     lines = ["# RESULTS: the ExpRL comparison in miniature (CPU testbed)", "",
-             f"Command: `{command}`  ", f"Wall time: {wall_s / 60:.1f} min; machine: {platform.machine()}, "
+             f"Command: `{command}`  ", f"Wall time: {wall_s / 60:.1f} min (sum over the arm runs); machine: {platform.machine()}, "
              f"{os.cpu_count()} cores, {platform.python_version()}; seeds: {', '.join(map(str, seeds))}.", "",
              "## Stage I (mean ± std over seeds; eval set at the Stage-I difficulty)", "",
              "| arm | pass@1 | pass@16 | exact pass@1 | checkpoint share | response length | segments/response | "
@@ -95,13 +95,45 @@ def write_report(results: dict, path: str, command: str, wall_s: float, seeds) -
     for arm in ("exprl_process", "exprl_process_score"):
         for seed, r in results.get(arm, {}).items():
             lines.append(f"- {arm}, seed {seed}: {_segments_trend(r['workdir'])}")
-    lines += ["", "## pass@k curves", ""]
-    for arm, per_seed in results.items():
-        first = next(iter(per_seed.values()))
-        png = os.path.relpath(os.path.join(first["workdir"], "pass_at_k.png"), os.path.dirname(path))
-        lines.append(f"- {arm} (seed {next(iter(per_seed))}): ![{arm}]({png})")
+    lines += ["", "## pass@k curves (mean over seeds)", ""]
+    plot_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "results")
+    os.makedirs(plot_dir, exist_ok=True)
+    for stage in ("stage1", "stage2"):
+        _plot_pass_at_k(results, stage, os.path.join(plot_dir, f"pass_at_k_{stage}.png"))
+        lines.append(f"![pass@k {stage}](results/pass_at_k_{stage}.png)")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _plot_pass_at_k(results: dict, stage: str, path: str) -> None:
+    """One curve per arm: pass@k at `stage` averaged over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for arm, per_seed in results.items():
+        reports = [r.get("base" if arm == "base" and stage == "stage1" else stage) for r in per_seed.values()]
+        reports = [r for r in reports if r]
+        if not reports:
+            continue
+        ks = sorted(int(k) for k in reports[0]["pass_at_k"])
+        ax.plot(ks, [np.mean([r["pass_at_k"][str(k)] for r in reports]) for k in ks], marker="o", label=arm)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k")
+    ax.set_ylabel(f"pass@k (mean over {len(next(iter(results.values())))} seeds)")
+    ax.set_title({"stage1": "after Stage I (base: no Stage I)", "stage2": "after Stage II (sparse GRPO)"}[stage],
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _finished(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, "summary.json"))
 
 
 def main(argv):
@@ -112,22 +144,32 @@ def main(argv):
     unknown = set(_ARMS.value) - set(ARMS)
     if unknown:
         raise ValueError(f"unknown arms {sorted(unknown)}; expected some of {ARMS}")
-    t0 = time.time()
-    results: dict = {}
-    for arm in _ARMS.value:
-        for seed in seeds:
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    # wall seconds of every (arm, seed) pipeline that did its work, kept across invocations (runs resume)
+    wall_path = os.path.join(_WORKDIR.value, "wall_seconds.json")
+    walls = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
+    report = _RESULTS.value or os.path.join(_WORKDIR.value, "RESULTS.md")
+    command = " ".join(["python", "experiments/replicate.py"] + sys.argv[1:])
+    results: dict = {arm: {} for arm in _ARMS.value}
+    for seed in seeds:  # seed-major: an interrupted replication still has complete seeds
+        for arm in _ARMS.value:
             cfg = arm_config(arm, seed, _QUICK.value)
             workdir = os.path.join(_WORKDIR.value, arm, f"seed{seed}")
             print(f"== {arm} seed {seed}: {workdir}", flush=True)
+            done_before, t0 = _finished(workdir), time.time()
             summary = run_pipeline(cfg, workdir)
-            results.setdefault(arm, {})[seed] = {k: summary.get(k) for k in ("base", "stage1", "stage2")}
+            if not done_before:
+                walls[f"{arm}/seed{seed}"] = time.time() - t0
+                with open(wall_path, "w") as f:
+                    json.dump(walls, f, indent=1)
+            results[arm][seed] = {k: summary.get(k) for k in ("base", "stage1", "stage2")}
             results[arm][seed]["workdir"] = workdir
             results[arm][seed]["config"] = dataclasses.asdict(cfg)
-    wall = time.time() - t0
-    with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    report = _RESULTS.value or os.path.join(_WORKDIR.value, "RESULTS.md")
-    write_report(results, report, " ".join(["python", "experiments/replicate.py"] + sys.argv[1:]), wall, seeds)
+        done = {arm: per_seed for arm, per_seed in results.items() if per_seed}
+        with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
+            json.dump(done, f, indent=1, default=str)
+        wall = sum(walls.get(f"{arm}/seed{s}", 0.0) for arm, per_seed in done.items() for s in per_seed)
+        write_report(done, report, command, wall, seeds[: seeds.index(seed) + 1])
     print(open(report).read())
 
 

@@ -23,7 +23,8 @@ def stage2_config(cfg: ExperimentConfig, stage1_workdir: str) -> ExperimentConfi
                                   else cfg.optim.learning_rate),
         rollout=dataclasses.replace(cfg.rollout, group_size=s2.group_size or cfg.rollout.group_size),
         train=dataclasses.replace(cfg.train, steps=s2.steps),
-        eval=dataclasses.replace(cfg.eval, at_start=False),  # equal to Stage I's eval_end
+        # at_start would equal Stage I's eval_end; at_end always (an arm without Stage I has eval.at_end off)
+        eval=dataclasses.replace(cfg.eval, at_start=False, at_end=True),
         stage2=dataclasses.replace(s2, steps=0))
 
 

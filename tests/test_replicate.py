@@ -23,3 +23,9 @@ def test_quick_replication_runs_every_arm(tmp_path):
         assert f"| {arm} |" in text, arm
         assert (tmp_path / arm / "seed0" / "stage2" / "results.json").exists()
     assert "Segments per response" in text and "exprl_process, seed 0:" in text
+    stage2_rows = text.split("## After Stage II")[1].split("##")[0]
+    for arm in ("base", "exprl_outcome"):  # every arm's Stage II is evaluated, the base arm's too
+        row = next(line for line in stage2_rows.splitlines() if line.startswith(f"| {arm} |"))
+        assert row.split("|")[2].strip() != "n/a", row
+    for stage in ("stage1", "stage2"):
+        assert (tmp_path / "results" / f"pass_at_k_{stage}.png").stat().st_size > 1000
