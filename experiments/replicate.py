@@ -56,11 +56,12 @@ def arm_config(name: str, seed: int, quick: bool):
     return load_config(_CONFIG.value, **overrides)
 
 
-def _mean_std(values):
+def _mean_std(values, digits: int = 3):
     values = [v for v in values if v is not None and np.isfinite(v)]
     if not values:
         return "n/a"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    mean, std = f"{np.mean(values):.{digits}f}", f"{np.std(values):.{digits}f}"
+    return f"{mean} ± {std}" if len(values) > 1 else mean
 
 
 def _segments_trend(workdir: str) -> str:
@@ -71,26 +72,67 @@ def _segments_trend(workdir: str) -> str:
     return " → ".join(f"{r['segments/mean']:.2f} (step {r['step']})" for r in picks)
 
 
+def _trend(rows: list, key: str, window: int = 5) -> tuple[float, float] | None:
+    """Mean of `key` over the first and last `window` logged steps (None when not logged)."""
+    values = [r[key] for r in rows if key in r and np.isfinite(r[key])]
+    if not values:
+        return None
+    return float(np.mean(values[:window])), float(np.mean(values[-window:]))
+
+
+def _training_row(per_seed: dict) -> str:
+    """Stage-I training dynamics, first 5 -> last 5 steps (mean over seeds): the reward the arm optimised, the
+    answer accuracy of its own samples on the training problems, the KL to the base; Stage II's accuracy."""
+    cells = []
+    for stage, key in (("stage1", "reward/mean"), ("stage1", "reward/sparse_acc"), ("stage1", "kl/ref"),
+                       ("stage2", "reward/sparse_acc")):
+        trends = [_trend(read_metrics(os.path.join(r["workdir"], stage, "metrics.jsonl")), key)
+                  for r in per_seed.values() if os.path.exists(os.path.join(r["workdir"], stage, "metrics.jsonl"))]
+        trends = [t for t in trends if t is not None]
+        if key == "kl/ref":
+            cells.append(f"{np.mean([t[1] for t in trends]):.4f}" if trends else "—")
+        else:
+            cells.append(f"{np.mean([t[0] for t in trends]):.3f} → {np.mean([t[1] for t in trends]):.3f}"
+                         if trends else "—")
+    return " | ".join(cells)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
 def write_report(results: dict, path: str, command: str, wall_s: float, seeds) -> None:
     def metric(arm, stage, key):
         return [((r.get(stage) or {}).get("metrics") or {}).get(key) for r in results[arm].values()]
 
     lines = ["# RESULTS: the ExpRL comparison in miniature (CPU testbed)", "",
-             f"Command: `{command}`  ", f"Wall time: {wall_s / 60:.1f} min (sum over the arm runs); machine: {platform.machine()}, "
-             f"{os.cpu_count()} cores, {platform.python_version()}; seeds: {', '.join(map(str, seeds))}.", "",
+             f"Command: `{command}`  ",
+             f"Wall time: {wall_s / 60:.1f} min (sum over the arm runs); machine: {_machine()}; "
+             f"seeds: {', '.join(map(str, seeds))}.", "",
              "## Stage I (mean ± std over seeds; eval set at the Stage-I difficulty)", "",
              "| arm | pass@1 | pass@16 | exact pass@1 | checkpoint share | response length | segments/response | "
              "never solved |", "|---|---|---|---|---|---|---|---|"]
     for arm in results:
         stage = "base" if arm == "base" else "stage1"
-        lines.append(f"| {arm} | " + " | ".join(_mean_std(metric(arm, stage, k)) for k in (
-            "pass@1", "pass@16", "exact_pass@1", "checkpoint_frac", "response_length", "segments_per_response",
-            "never_solved_frac")) + " |")
+        lines.append(f"| {arm} | " + " | ".join(_mean_std(metric(arm, stage, k), digits) for k, digits in (
+            ("pass@1", 3), ("pass@16", 3), ("exact_pass@1", 3), ("checkpoint_frac", 3), ("response_length", 1),
+            ("segments_per_response", 2), ("never_solved_frac", 3))) + " |")
     lines += ["", "## After Stage II (sparse GRPO from each Stage-I checkpoint)", "",
               "| arm | pass@1 | pass@16 | exact pass@1 | never solved |", "|---|---|---|---|---|"]
     for arm in results:
         lines.append(f"| {arm} | " + " | ".join(_mean_std(metric(arm, "stage2", k)) for k in (
             "pass@1", "pass@16", "exact_pass@1", "never_solved_frac")) + " |")
+    lines += ["", "## Training dynamics (first 5 → last 5 steps, mean over seeds)", "",
+              "| arm | Stage-I reward | Stage-I answer accuracy (own samples) | Stage-I KL to base (end) | "
+              "Stage-II answer accuracy |", "|---|---|---|---|---|"]
+    for arm, per_seed in results.items():
+        lines.append(f"| {arm} | {_training_row(per_seed)} |")
     lines += ["", "## Segments per response during Stage I (ExpRL-Process, SPEC §4)", ""]
     for arm in ("exprl_process", "exprl_process_score"):
         for seed, r in results.get(arm, {}).items():
@@ -147,7 +189,10 @@ def main(argv):
     os.makedirs(_WORKDIR.value, exist_ok=True)
     # wall seconds of every (arm, seed) pipeline that did its work, kept across invocations (runs resume)
     wall_path = os.path.join(_WORKDIR.value, "wall_seconds.json")
-    walls = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
+    walls = {}
+    if os.path.exists(wall_path):
+        with open(wall_path) as f:
+            walls = json.load(f)
     report = _RESULTS.value or os.path.join(_WORKDIR.value, "RESULTS.md")
     command = " ".join(["python", "experiments/replicate.py"] + sys.argv[1:])
     results: dict = {arm: {} for arm in _ARMS.value}
@@ -170,7 +215,8 @@ def main(argv):
             json.dump(done, f, indent=1, default=str)
         wall = sum(walls.get(f"{arm}/seed{s}", 0.0) for arm, per_seed in done.items() for s in per_seed)
         write_report(done, report, command, wall, seeds[: seeds.index(seed) + 1])
-    print(open(report).read())
+    with open(report) as f:
+        print(f.read())
 
 
 if __name__ == "__main__":
