@@ -25,3 +25,6 @@ def test_stage2_config_resets_method_defaults():
     s2 = stage2_config(cfg, "/x/stage1")
     assert s2.method == "stage2" and s2.loss.kl_coef == -1.0 and s2.train.steps == 5
     assert s2.optim.learning_rate == 3e-5 and s2.stage2.steps == 0 and s2.model.init_checkpoint == "/x/stage1"
+    # Stage II is always evaluated at its end, even from an arm that skipped its own final evaluation
+    no_eval = stage2_config(smoke_config(**{"eval.at_end": False, "eval.at_start": True}), "/x/stage1")
+    assert no_eval.eval.at_end and not no_eval.eval.at_start
