@@ -69,7 +69,13 @@ def _segments_trend(workdir: str) -> str:
     if not rows:
         return "n/a"
     picks = [rows[0], rows[len(rows) // 2], rows[-1]]
-    return " → ".join(f"{r['segments/mean']:.2f} (step {r['step']})" for r in picks)
+    trend = " → ".join(f"{r['segments/mean']:.2f} (step {r['step']})" for r in picks)
+    single = max(r.get("segments/single_frac", float("nan")) for r in rows)
+    with open(os.path.join(workdir, "stage1", "results.json")) as f:
+        digest = json.load(f)["params_sha256"][:12]
+    # single_segment only changes an advantage when a response has one segment: with a max share of 0 the two
+    # rules give bitwise-identical runs (same digest)
+    return f"{trend}; single-segment share max {single:.3f}; Stage-I params sha256 {digest}"
 
 
 def _trend(rows: list, key: str, window: int = 5) -> tuple[float, float] | None:
