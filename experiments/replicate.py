@@ -167,7 +167,8 @@ def _plot_pass_at_k(results: dict, stage: str, path: str) -> None:
         if not reports:
             continue
         ks = sorted(int(k) for k in reports[0]["pass_at_k"])
-        ax.plot(ks, [np.mean([r["pass_at_k"][str(k)] for r in reports]) for k in ks], marker="o", label=arm)
+        ax.plot(ks, [np.mean([r["pass_at_k"][str(k)] for r in reports]) for k in ks], marker="o", label=arm,
+                linestyle="--" if arm == "exprl_process_score" else "-")  # often on top of exprl_process
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k")
     ax.set_ylabel(f"pass@k (mean over {len(next(iter(results.values())))} seeds)")
