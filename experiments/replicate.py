@@ -27,6 +27,7 @@ from exprl_jax.experiment import enable_compilation_cache  # noqa: E402
 from exprl_jax.metrics import read_metrics  # noqa: E402
 from exprl_jax.pipeline import run_pipeline  # noqa: E402
 
+HAND_WRITTEN = "<!-- hand-written from here on; replicate.py keeps it when it rewrites the tables above -->"
 ARMS = ("base", "sft", "grpo", "self_distill", "exprl_outcome", "exprl_process", "exprl_process_score")
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join(ROOT, "workdir", "replicate"), "Output directory.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
@@ -149,8 +150,15 @@ def write_report(results: dict, path: str, command: str, wall_s: float, seeds) -
     for stage in ("stage1", "stage2"):
         _plot_pass_at_k(results, stage, os.path.join(plot_dir, f"pass_at_k_{stage}.png"))
         lines.append(f"![pass@k {stage}](results/pass_at_k_{stage}.png)")
+    kept = ""
+    if os.path.exists(path):  # the hand-written interpretation survives a regeneration of the tables
+        with open(path) as f:
+            old = f.read()
+        if HAND_WRITTEN in old:
+            kept = "\n" + old[old.index(HAND_WRITTEN):]
+            print(f"{path}: kept the hand-written section below the tables; check it against the new numbers")
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n" + kept)
 
 
 def _plot_pass_at_k(results: dict, stage: str, path: str) -> None:

@@ -29,3 +29,31 @@ def test_quick_replication_runs_every_arm(tmp_path):
         assert row.split("|")[2].strip() != "n/a", row
     for stage in ("stage1", "stage2"):
         assert (tmp_path / "results" / f"pass_at_k_{stage}.png").stat().st_size > 1000
+
+
+def _report_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("replicate", os.path.join(ROOT, "experiments", "replicate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_tables_mean_std_and_kept_hand_written_section(tmp_path):
+    replicate = _report_module()
+
+    def report(p1, p16):
+        return {"metrics": {"pass@1": p1, "pass@16": p16, "exact_pass@1": 0.0, "never_solved_frac": 1 - p16,
+                            "response_length": 100.0}, "pass_at_k": {"1": p1, "16": p16}}
+
+    results = {"base": {s: {"base": report(0.1 * (s + 1), 0.5), "stage2": report(0.2, 0.6),
+                            "workdir": str(tmp_path / f"base{s}")} for s in (0, 1)}}
+    path = tmp_path / "RESULTS.md"
+    path.write_text("stale tables\n" + replicate.HAND_WRITTEN + "\nThe interpretation.\n")
+    replicate.write_report(results, str(path), "python experiments/replicate.py", 120.0, [0, 1])
+    text = path.read_text()
+    assert "stale tables" not in text and text.endswith(replicate.HAND_WRITTEN + "\nThe interpretation.\n")
+    assert "| base | 0.150 ± 0.050 | 0.500 ± 0.000 |" in text  # Stage I: the base arm's own evaluation
+    assert "| base | 0.200 ± 0.000 | 0.600 ± 0.000 |" in text  # after Stage II
+    assert "Wall time: 2.0 min" in text and (tmp_path / "results" / "pass_at_k_stage2.png").exists()
