@@ -1,7 +1,7 @@
 """The paper's comparison in miniature (SPEC §8) on the CPU testbed: every Stage-I arm, then the same Stage II,
 over several seeds, written up as RESULTS.md.
 
-  python experiments/replicate.py --workdir=workdir/replicate --seeds=0,1,2            # the full run (hours)
+  python experiments/replicate.py --workdir=workdir/replicate --seeds=0,1,2            # the full run (~2.2 h, 2 cores)
   python experiments/replicate.py --workdir=/tmp/rep --seeds=0 --quick                  # a few steps, minutes
 
 Arms: base (no Stage I), sft (on references), grpo (sparse), self_distill, exprl_outcome, exprl_process
