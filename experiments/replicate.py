@@ -25,7 +25,7 @@ from absl import app, flags, logging  # noqa: E402
 from exprl_jax.config import load_config  # noqa: E402
 from exprl_jax.experiment import enable_compilation_cache  # noqa: E402
 from exprl_jax.metrics import read_metrics  # noqa: E402
-from exprl_jax.pipeline import run_pipeline  # noqa: E402
+from exprl_jax.pipeline import plot_pass_at_k_curves, run_pipeline  # noqa: E402
 
 HAND_WRITTEN = "<!-- hand-written from here on; replicate.py keeps it when it rewrites the tables above -->"
 ARMS = ("base", "sft", "grpo", "self_distill", "exprl_outcome", "exprl_process", "exprl_process_score")
@@ -58,11 +58,13 @@ def arm_config(name: str, seed: int, quick: bool):
 
 
 def _mean_std(values, digits: int = 3):
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    if not values:
+    """mean ± std over the seeds; a seed without the value is not averaged over silently: the cell says so."""
+    present = [v for v in values if v is not None and np.isfinite(v)]
+    if not present:
         return "n/a"
-    mean, std = f"{np.mean(values):.{digits}f}", f"{np.std(values):.{digits}f}"
-    return f"{mean} ± {std}" if len(values) > 1 else mean
+    mean, std = f"{np.mean(present):.{digits}f}", f"{np.std(present):.{digits}f}"
+    cell = f"{mean} ± {std}" if len(present) > 1 else mean
+    return cell if len(present) == len(values) else f"{cell} ({len(present)} of {len(values)} seeds)"
 
 
 def _segments_trend(workdir: str) -> str:
@@ -163,30 +165,16 @@ def write_report(results: dict, path: str, command: str, wall_s: float, seeds) -
 
 def _plot_pass_at_k(results: dict, stage: str, path: str) -> None:
     """One curve per arm: pass@k at `stage` averaged over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    curves = []
     for arm, per_seed in results.items():
         reports = [r.get("base" if arm == "base" and stage == "stage1" else stage) for r in per_seed.values()]
         reports = [r for r in reports if r]
-        if not reports:
-            continue
-        ks = sorted(int(k) for k in reports[0]["pass_at_k"])
-        ax.plot(ks, [np.mean([r["pass_at_k"][str(k)] for r in reports]) for k in ks], marker="o", label=arm,
-                linestyle="--" if arm == "exprl_process_score" else "-")  # often on top of exprl_process
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel(f"pass@k (mean over {len(next(iter(results.values())))} seeds)")
-    ax.set_title({"stage1": "after Stage I (base: no Stage I)", "stage2": "after Stage II (sparse GRPO)"}[stage],
-                 fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        if reports:
+            mean = {k: float(np.mean([r["pass_at_k"][k] for r in reports])) for k in reports[0]["pass_at_k"]}
+            curves.append((arm, mean, "--" if arm == "exprl_process_score" else "-"))  # often on exprl_process
+    title = {"stage1": "after Stage I (base: no Stage I)", "stage2": "after Stage II (sparse GRPO)"}[stage]
+    seeds = len(next(iter(results.values())))
+    plot_pass_at_k_curves(curves, path, title, ylabel=f"pass@k (mean over {seeds} seeds)")
 
 
 def _finished(workdir: str) -> bool:

@@ -62,23 +62,29 @@ def format_table(summary: dict, cfg: ExperimentConfig) -> str:
 
 
 def plot_pass_at_k(summary: dict, path: str, title: str = "") -> None:
+    """pass@k of the base, Stage-I and Stage-II evaluations of one pipeline run."""
+    curves = [(name, summary[key]["pass_at_k"], "-") for name, key in
+              (("base", "base"), ("Stage I", "stage1"), ("Stage II", "stage2")) if summary.get(key)]
+    plot_pass_at_k_curves(curves, path, title)
+
+
+def plot_pass_at_k_curves(curves, path: str, title: str = "", ylabel: str = "pass@k") -> None:
+    """One line per (label, {str(k): pass@k}, linestyle) on a log2 k axis, written as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for name, key in (("base", "base"), ("Stage I", "stage1"), ("Stage II", "stage2")):
-        report = summary.get(key)
-        if report:
-            ks = sorted(int(k) for k in report["pass_at_k"])
-            ax.plot(ks, [report["pass_at_k"][str(k)] for k in ks], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(6, 4) if len(curves) > 3 else (5, 3.5), dpi=120)
+    for label, pass_at_k, linestyle in curves:
+        ks = sorted(int(k) for k in pass_at_k)
+        ax.plot(ks, [pass_at_k[str(k)] for k in ks], marker="o", label=label, linestyle=linestyle)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k")
-    ax.set_ylabel("pass@k")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7 if len(curves) > 3 else None)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
