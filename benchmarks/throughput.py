@@ -47,16 +47,17 @@ def main():
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-4))
     state, shardings = init_train_state(cfg, optimizer, jax.random.key(0), mesh)
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, denominators):
         lp = token_logprobs(cfg, params, batch["tokens"], attention_mask=batch["attention_mask"])
         loss = -lp.mean()
         return loss, {}
 
-    step = make_train_step(loss_fn, optimizer, shardings, mesh, {"tokens": 2, "attention_mask": 2})
+    step = make_train_step(loss_fn, optimizer, shardings, mesh, {"tokens": 2, "attention_mask": 2},
+                           mask_key="attention_mask")
     B, T = 16, 256
     rng = np.random.default_rng(0)
-    batch = shd.shard_batch({"tokens": rng.integers(4, cfg.vocab_size, (B, T)).astype(np.int32),
-                             "attention_mask": np.ones((B, T), np.int32)}, mesh)
+    batch = shd.shard_batch({"tokens": rng.integers(4, cfg.vocab_size, (1, B, T)).astype(np.int32),
+                             "attention_mask": np.ones((1, B, T), np.int32)}, mesh, leading_axes=1)
     holder = {"state": state}
 
     def train_once():

@@ -15,7 +15,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from exprl_jax.config import ExperimentConfig, from_dict  # noqa: E402
-from exprl_jax.experiment import load_records  # noqa: E402
+from exprl_jax.build import load_records  # noqa: E402
 from exprl_jax.judge.rubric import build_rubrics, load_rubrics, save_rubrics  # noqa: E402
 from exprl_jax.rewards.factory import make_judge_backend  # noqa: E402
 

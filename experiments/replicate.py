@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from exprl_jax.config import load_config  # noqa: E402
-from exprl_jax.experiment import enable_compilation_cache  # noqa: E402
+from exprl_jax.build import enable_compilation_cache  # noqa: E402
 from exprl_jax.metrics import read_metrics  # noqa: E402
 from exprl_jax.pipeline import plot_pass_at_k_curves, run_pipeline  # noqa: E402
 

@@ -13,7 +13,8 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from exprl_jax.config import ExperimentConfig, from_dict  # noqa: E402
-from exprl_jax.experiment import Experiment, enable_compilation_cache  # noqa: E402
+from exprl_jax.build import enable_compilation_cache  # noqa: E402
+from exprl_jax.experiment import Experiment  # noqa: E402
 from exprl_jax.pipeline import run_pipeline  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -22,7 +22,10 @@ class ModelSection:
     init_checkpoint: str = ""  # a workdir of an earlier run (e.g. Stage I) whose final params start this one
     tokenizer: str = "char"  # "char" (built-in character vocabulary) or a directory with tokenizer.json
     dtype: str = "float32"  # compute dtype ("bfloat16" on TPU/GPU)
-    param_dtype: str = "float32"
+    param_dtype: str = "float32"  # master weights and optimizer state, whatever dtype a checkpoint was saved in
+    scan_layers: bool = False  # ModelConfig.scan_layers: stacked layer params, one scan over layers
+    remat: str = "none"  # ModelConfig.remat: "none", "full", "dots", "dots_no_batch", "proj"
+    logits_chunk: int = 0  # ModelConfig.logits_chunk: positions per chunk of the vocabulary projection (0 = off)
     d_model: int = 0  # > 0 overrides the preset (quick size sweeps); likewise below
     num_layers: int = 0
     num_heads: int = 0
@@ -58,6 +61,8 @@ class RolloutSection:
     temperature: float = 0.8  # SPEC §5
     top_p: float = 1.0
     top_k: int = 0
+    recompute_logprobs: str = "auto"  # "true" / "false" / "auto" (= on unless model.dtype is float32): behaviour
+    #                                   log-probs from the training forward, so the first update's ratio is exactly 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,6 +130,9 @@ class TrainSection:
     log_every: int = 1
     save_every: int = 10
     keep_checkpoints: int = 2
+    micro_batch_size: int = 0  # rows per micro-step of gradient accumulation inside one update (0 = the whole
+    #                            mini-batch), rounded up to a multiple of data×fsdp; also the rows per call of the
+    #                            reference / teacher / recompute log-prob passes
     batch_size: int = 16  # SFT sequences per step
     seq_len: int = 64  # SFT sequence length (tokens)
 
@@ -190,6 +198,9 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
     loss = dataclasses.replace(loss, **changes)
     if loss.scale_by_std not in ("true", "false"):
         raise ValueError(f"config.loss.scale_by_std={loss.scale_by_std!r}; expected 'true', 'false' or 'auto'")
+    if cfg.rollout.recompute_logprobs not in ("auto", "true", "false"):
+        raise ValueError(f"config.rollout.recompute_logprobs={cfg.rollout.recompute_logprobs!r}; expected 'true', "
+                         "'false' or 'auto'")
     return dataclasses.replace(cfg, loss=loss)
 
 

@@ -13,6 +13,8 @@ import os
 import string
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 ON_BAD_ROW = ("error", "skip")
 QA_FIELDS = ("id", "problem", "reference", "answer", "domain", "checkpoints")
 GSM8K_ANSWER_MARK = "#### "
@@ -243,3 +245,13 @@ def build_prompt(record: QARecord, template: str = "{problem}") -> str:
                 "(the policy must never see the reference or answer)"
             )
     return template.format(problem=record.problem)
+
+
+def step_indices(num_records: int, per_step: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
+    """The data cursor: record indices of step `step` in the endless sequence of per-epoch permutations."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(pos, num_records)
+        order = np.random.default_rng([seed, epoch]).permutation(num_records) if shuffle else np.arange(num_records)
+        out.append(int(order[offset]))
+    return out

@@ -5,6 +5,8 @@ advantages live elsewhere. Shapes: N sequences, T tokens, V vocab.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -32,8 +34,20 @@ def _zero_where_invalid(x, valid_NT):
     return jnp.where(valid_NT, x, jnp.zeros_like(x))
 
 
-def _masked_mean(x_NT, valid_NT):
-    count = jnp.sum(valid_NT)
+class Denominators(NamedTuple):
+    """The normalisers of every aggregation, fixed for a whole mini-batch: with gradient accumulation each
+    micro-batch divides by the mini-batch's counts, so the sum over micro-batches is exactly the unsplit loss."""
+    tokens: jax.Array  # valid tokens in the mini-batch
+    seqs: jax.Array  # sequences with at least one valid token
+
+    @classmethod
+    def of(cls, mask_NT) -> "Denominators":
+        valid_NT = _valid(mask_NT)
+        return cls(jnp.sum(valid_NT).astype(jnp.float32), jnp.sum(jnp.any(valid_NT, axis=-1)).astype(jnp.float32))
+
+
+def _masked_mean(x_NT, valid_NT, count=None):
+    count = jnp.sum(valid_NT) if count is None else count
     return jnp.sum(_zero_where_invalid(x_NT, valid_NT)) / jnp.maximum(count, 1).astype(x_NT.dtype)
 
 
@@ -42,7 +56,7 @@ def _check_aggregation(agg):
         raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {AGGREGATIONS}")
 
 
-def aggregate(per_token_NT, mask_NT, agg: str = "token-mean"):
+def aggregate(per_token_NT, mask_NT, agg: str = "token-mean", denominators: Denominators | None = None):
     """Reduces a per-token loss [N, T] to a scalar over the valid tokens of `mask_NT` (SPEC §5: token-mean).
 
     - "token-mean": sum over all valid tokens / their count; every token weighs the same, long answers weigh more.
@@ -52,12 +66,15 @@ def aggregate(per_token_NT, mask_NT, agg: str = "token-mean"):
     The three "seq-mean" modes average over the sequences with at least one valid token: a rollout whose mask was
     zeroed (an unscored rollout, SPEC §3) is dropped from the loss, not counted as a zero-loss sequence that would
     shrink everyone else's weight. All counts are floored at 1, so an all-masked batch gives 0, never NaN.
+    `denominators` (default: this batch's own counts) replaces the token and sequence counts, for micro-batches.
     """
     _check_aggregation(agg)
     per_token_NT = _float(per_token_NT)
     valid_NT = _valid(mask_NT)
+    if denominators is None:
+        denominators = Denominators.of(valid_NT)
     if agg == "token-mean":
-        return _masked_mean(per_token_NT, valid_NT)
+        return _masked_mean(per_token_NT, valid_NT, denominators.tokens)
     dtype = per_token_NT.dtype
     tokens_N = jnp.sum(valid_NT, axis=-1)
     sums_N = jnp.sum(_zero_where_invalid(per_token_NT, valid_NT), axis=-1)
@@ -67,7 +84,7 @@ def aggregate(per_token_NT, mask_NT, agg: str = "token-mean"):
         per_seq_N = sums_N
     else:  # "seq-mean-token-sum-norm" (Dr. GRPO): a constant divisor, so the loss carries no length bias.
         per_seq_N = sums_N / per_token_NT.shape[-1]
-    return _masked_mean(per_seq_N, tokens_N > 0)
+    return _masked_mean(per_seq_N, tokens_N > 0, denominators.seqs)
 
 
 def kl_penalty(logprobs, ref_logprobs, kind: str = "k3"):
@@ -99,6 +116,7 @@ def kl_penalty(logprobs, ref_logprobs, kind: str = "k3"):
 def policy_loss(
     logprobs, old_logprobs, advantages, mask, *,
     clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0, agg: str = "token-mean",
+    denominators: Denominators | None = None,
 ):
     """PPO-clip with an asymmetric clip range and dual-clip (SPEC §5). All inputs [N, T]; returns (loss, metrics).
 
@@ -106,7 +124,8 @@ def policy_loss(
     1+clip_high)), the pessimistic of the two. For A < 0 that loss grows without bound as the ratio grows (the clip
     only bounds the side that helps), so dual-clip caps it at −A·dual_clip; `dual_clip=None` turns the cap off.
 
-    Metrics are over valid tokens, whatever `agg` is. "clip/frac_*" count tokens whose loss comes from a clipped
+    Metrics are over valid tokens, whatever `agg` is; with `denominators` they are this micro-batch's share of the
+    mini-batch's value (sums over micro-batches; "ratio/max" takes their max). "clip/frac_*" count tokens whose loss comes from a clipped
     branch (gradient zero there). "kl/approx_old" is the k3 estimate of KL(π_old‖π_θ): the tokens were sampled
     from π_old, so k3 of r = logprobs − old_logprobs is unbiased for that direction and never negative.
     """
@@ -132,20 +151,21 @@ def policy_loss(
         dual_active = negative & (per_token > dual_cap)
         per_token = jnp.where(dual_active, dual_cap, per_token)
 
-    loss = aggregate(per_token, valid_NT, agg)
+    denominators = Denominators.of(valid_NT) if denominators is None else denominators
+    loss = aggregate(per_token, valid_NT, agg, denominators)
 
     def frac(condition_NT):
-        return _masked_mean(condition_NT.astype(ratio.dtype), valid_NT)
+        return _masked_mean(condition_NT.astype(ratio.dtype), valid_NT, denominators.tokens)
 
     metrics = {
         "loss/policy": loss,
         "clip/frac_low": frac(negative & (ratio < 1.0 - clip_low)),
         "clip/frac_high": frac((advantages_NT > 0) & (ratio > 1.0 + clip_high)),
         "clip/frac_dual": frac(dual_active),
-        "ratio/mean": _masked_mean(ratio, valid_NT),
+        "ratio/mean": _masked_mean(ratio, valid_NT, denominators.tokens),
         # ratio > 0, so the zeros put in place of masked tokens never win the max.
         "ratio/max": jnp.max(_zero_where_invalid(ratio, valid_NT)),
-        "kl/approx_old": _masked_mean(kl_penalty(old_logprobs, logprobs, "k3"), valid_NT),
+        "kl/approx_old": _masked_mean(kl_penalty(old_logprobs, logprobs, "k3"), valid_NT, denominators.tokens),
     }
     return loss, metrics
 
@@ -163,15 +183,17 @@ def entropy_from_logits(logits_NTV):
     return log_normaliser_NT - jnp.sum(probs_NTV * finite_logits_NTV, axis=-1)
 
 
-def sft_loss(logprobs_NT, mask_NT, agg: str = "token-mean"):
+def sft_loss(logprobs_NT, mask_NT, agg: str = "token-mean", denominators: Denominators | None = None):
     """SFT baseline (SPEC §6): next-token cross-entropy −log π(y_k | x, y_<k) on response tokens. (loss, metrics)."""
     valid_NT = _valid(mask_NT)
+    denominators = Denominators.of(valid_NT) if denominators is None else denominators
     nll_NT = -_zero_where_invalid(_float(logprobs_NT), valid_NT)
-    loss = aggregate(nll_NT, valid_NT, agg)
-    return loss, {"loss/sft": loss, "sft/nll_token_mean": _masked_mean(nll_NT, valid_NT)}
+    loss = aggregate(nll_NT, valid_NT, agg, denominators)
+    return loss, {"loss/sft": loss, "sft/nll_token_mean": _masked_mean(nll_NT, valid_NT, denominators.tokens)}
 
 
-def self_distill_loss(logprobs, teacher_logprobs, mask, agg: str = "token-mean"):
+def self_distill_loss(logprobs, teacher_logprobs, mask, agg: str = "token-mean",
+                      denominators: Denominators | None = None):
     """On-policy self-distillation baseline (SPEC §6). All inputs [N, T]; returns (loss, metrics).
 
     Per-token advantage A = stop_gradient(teacher_logprobs − logprobs); loss = −A·logprobs. Its gradient,
@@ -179,13 +201,15 @@ def self_distill_loss(logprobs, teacher_logprobs, mask, agg: str = "token-mean")
     the teacher gets no gradient. "distill/reverse_kl" is the k1 estimate of that KL, mean over valid tokens.
     """
     valid_NT = _valid(mask)
+    denominators = Denominators.of(valid_NT) if denominators is None else denominators
     logprobs = _zero_where_invalid(_float(logprobs), valid_NT)
     teacher_logprobs = _zero_where_invalid(_float(teacher_logprobs), valid_NT)
     advantages_NT = jax.lax.stop_gradient(teacher_logprobs - logprobs)
-    loss = aggregate(-advantages_NT * logprobs, valid_NT, agg)
+    loss = aggregate(-advantages_NT * logprobs, valid_NT, agg, denominators)
     metrics = {
         "loss/distill": loss,
-        "distill/reverse_kl": jax.lax.stop_gradient(_masked_mean(logprobs - teacher_logprobs, valid_NT)),
-        "distill/advantage_mean": _masked_mean(advantages_NT, valid_NT),
+        "distill/reverse_kl": jax.lax.stop_gradient(
+            _masked_mean(logprobs - teacher_logprobs, valid_NT, denominators.tokens)),
+        "distill/advantage_mean": _masked_mean(advantages_NT, valid_NT, denominators.tokens),
     }
     return loss, metrics

@@ -1,4 +1,5 @@
-"""What each Stage-I / Stage-II method needs and its jit-side loss: `loss_fn(params, batch, rng) -> (loss, metrics)`.
+"""What each Stage-I / Stage-II method needs and its jit-side loss:
+`loss_fn(params, batch, rng, denominators) -> (loss, metrics)`.
 
 Update batches (all [M, ...], M rollouts of one mini-batch, prompt left-padded to P, response R tokens, L = P + R):
   tokens [M, L] int32, attention_mask [M, L], response_mask [M, R] (1 on generated tokens, 0 on pad / dropped rows),
@@ -13,7 +14,8 @@ import jax.numpy as jnp
 
 from exprl_jax import losses
 from exprl_jax.models.config import ModelConfig
-from exprl_jax.models.transformer import forward, logprobs_of, token_logprobs
+from exprl_jax.models.head import head_matrix, token_logprobs_entropy
+from exprl_jax.models.transformer import forward_hidden, token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,32 +35,35 @@ METHOD_SPECS = {
 }
 
 
-def response_logits(model_cfg: ModelConfig, params, batch: dict, temperature: float):
-    """Temperature-scaled logits that predict the R response tokens: [M, R, V] float32, and those tokens [M, R]."""
+def response_logprobs(model_cfg: ModelConfig, params, batch: dict, temperature: float):
+    """Temperature-scaled log-probs of the R response tokens and the entropies of those distributions, float32
+    [M, R] each. Only the positions that predict response tokens reach the vocabulary projection, chunked by
+    `model_cfg.logits_chunk` (models/head.py)."""
     R = batch["response_mask"].shape[1]
-    logits = forward(model_cfg, params, batch["tokens"], attention_mask=batch["attention_mask"])
-    return logits[:, -R - 1:-1] / temperature, batch["tokens"][:, -R:]
+    hidden = forward_hidden(model_cfg, params, batch["tokens"], attention_mask=batch["attention_mask"])
+    return token_logprobs_entropy(model_cfg, hidden[:, -R - 1:-1], head_matrix(model_cfg, params),
+                                  batch["tokens"][:, -R:], temperature)
 
 
 def make_ppo_loss(model_cfg: ModelConfig, loss_cfg, temperature: float):
-    """PPO-clip (+ dual clip) on per-token advantages, optional k3 KL to the reference and entropy bonus (SPEC §5)."""
+    """PPO-clip (+ dual clip) on per-token advantages, optional k3 KL to the reference and entropy bonus (SPEC §5).
+    Every term is normalised by the mini-batch's `denominators` (gradient accumulation, train_state.py)."""
     dual_clip = loss_cfg.dual_clip if loss_cfg.dual_clip > 0 else None
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, denominators):
         del rng
-        logits, targets = response_logits(model_cfg, params, batch, temperature)
-        logprobs = logprobs_of(logits, targets)
+        logprobs, entropy_MR = response_logprobs(model_cfg, params, batch, temperature)
         mask = batch["response_mask"]
         loss, metrics = losses.policy_loss(
             logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_low=loss_cfg.clip_low,
-            clip_high=loss_cfg.clip_high, dual_clip=dual_clip, agg=loss_cfg.agg)
-        entropy = losses.aggregate(losses.entropy_from_logits(logits), mask, loss_cfg.agg)
+            clip_high=loss_cfg.clip_high, dual_clip=dual_clip, agg=loss_cfg.agg, denominators=denominators)
+        entropy = losses.aggregate(entropy_MR, mask, loss_cfg.agg, denominators)
         metrics["entropy/mean"] = entropy
         if loss_cfg.entropy_coef:
             loss = loss - loss_cfg.entropy_coef * entropy
         if loss_cfg.kl_coef:
             kl = losses.aggregate(losses.kl_penalty(logprobs, batch["ref_logprobs"], loss_cfg.kl_kind), mask,
-                                  loss_cfg.agg)
+                                  loss_cfg.agg, denominators)
             metrics["kl/ref"] = kl
             loss = loss + loss_cfg.kl_coef * kl
         metrics["tokens/count"] = jnp.sum(mask)
@@ -70,14 +75,12 @@ def make_ppo_loss(model_cfg: ModelConfig, loss_cfg, temperature: float):
 def make_self_distill_loss(model_cfg: ModelConfig, loss_cfg, temperature: float):
     """On-policy self-distillation (SPEC §6): advantage = stop_grad(teacher − student), loss = −A·log π."""
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, denominators):
         del rng
-        logits, targets = response_logits(model_cfg, params, batch, temperature)
-        logprobs = logprobs_of(logits, targets)
+        logprobs, entropy_MR = response_logprobs(model_cfg, params, batch, temperature)
         loss, metrics = losses.self_distill_loss(logprobs, batch["teacher_logprobs"], batch["response_mask"],
-                                                 agg=loss_cfg.agg)
-        metrics["entropy/mean"] = losses.aggregate(losses.entropy_from_logits(logits), batch["response_mask"],
-                                                   loss_cfg.agg)
+                                                 agg=loss_cfg.agg, denominators=denominators)
+        metrics["entropy/mean"] = losses.aggregate(entropy_MR, batch["response_mask"], loss_cfg.agg, denominators)
         return loss, metrics
 
     return loss_fn
@@ -86,10 +89,10 @@ def make_self_distill_loss(model_cfg: ModelConfig, loss_cfg, temperature: float)
 def make_sft_loss(model_cfg: ModelConfig, loss_cfg):
     """Next-token cross-entropy on reference tokens only (SPEC §6 SFT baseline)."""
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, denominators):
         del rng
         logprobs = token_logprobs(model_cfg, params, batch["tokens"], attention_mask=batch["attention_mask"])
-        return losses.sft_loss(logprobs, batch["loss_mask"], agg=loss_cfg.agg)
+        return losses.sft_loss(logprobs, batch["loss_mask"], agg=loss_cfg.agg, denominators=denominators)
 
     return loss_fn
 
@@ -102,6 +105,11 @@ def make_loss_fn(method: str, model_cfg: ModelConfig, loss_cfg, temperature: flo
     if method in METHOD_SPECS:
         return make_ppo_loss(model_cfg, loss_cfg, temperature)
     raise ValueError(f"unknown method {method!r}; expected one of {tuple(METHOD_SPECS)}")
+
+
+def loss_mask_key(method: str) -> str:
+    """The batch field that marks the tokens a method's loss is over (its denominators are counted on it)."""
+    return "loss_mask" if method == "sft" else "response_mask"
 
 
 def batch_ndims(method: str) -> dict[str, int]:

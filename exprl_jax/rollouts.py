@@ -14,9 +14,9 @@ import numpy as np
 
 from exprl_jax import sharding as shd
 from exprl_jax.data import QARecord, build_prompt
-from exprl_jax.methods import response_logits
+from exprl_jax.batching import batch_shards, chunks_of_rows
+from exprl_jax.methods import response_logprobs
 from exprl_jax.models.config import ModelConfig
-from exprl_jax.models.transformer import logprobs_of
 from exprl_jax.sampling import generate, pad_prompts
 
 
@@ -31,6 +31,7 @@ class Rollouts:
     lengths: np.ndarray  # [N] int32
     truncated: np.ndarray  # [N] bool
     texts: list[str]  # [N] decoded responses (EOS stripped)
+    logprob_gap_max: float | None = None  # max |sampler - trainer| log-prob, once `logprobs` were recomputed
 
     @property
     def response_mask(self) -> np.ndarray:  # [N, R] float32
@@ -98,32 +99,21 @@ def sequence_batch(prompt_tokens, prompt_mask, tokens, response_mask) -> dict[st
 @functools.partial(jax.jit, static_argnames=("model_cfg", "temperature", "mesh"))
 def _score(params, batch, *, model_cfg, temperature, mesh):
     with shd.use_mesh(mesh):
-        logits, targets = response_logits(model_cfg, params, batch, temperature)
-        return logprobs_of(logits, targets) * batch["response_mask"]
+        logprobs, _ = response_logprobs(model_cfg, params, batch, temperature)
+        return logprobs * batch["response_mask"]
 
 
 def score_responses(model_cfg: ModelConfig, params, batch: dict, temperature: float, mesh=None,
                     chunk: int = 0) -> np.ndarray:
-    """Teacher-forced log-probs [N, R] of the response tokens (reference policy, or a teacher), 0 off the mask.
-    `chunk` > 0 scores that many rows at a time to bound activation memory."""
-    n = batch["tokens"].shape[0]
-    chunk = chunk or n
+    """Teacher-forced log-probs [N, R] of the response tokens (reference policy, a teacher, or the policy itself),
+    0 off the mask. Rows go `chunk` at a time (0 = all; the micro-batch size bounds activation memory), each chunk
+    padded to a multiple of the mesh's batch shards, so any N runs on any mesh with one compiled program."""
     outs = []
-    for start in range(0, n, chunk):
-        part = {k: v[start:start + chunk] for k, v in batch.items()}
+    for _, rows, part in chunks_of_rows(batch, chunk, batch_shards(mesh)):
         part = shd.shard_batch(part, mesh) if mesh is not None else part
-        outs.append(np.asarray(jax.device_get(
-            _score(params, part, model_cfg=model_cfg, temperature=float(temperature), mesh=mesh))))
+        scored = _score(params, part, model_cfg=model_cfg, temperature=float(temperature), mesh=mesh)
+        outs.append(np.asarray(jax.device_get(scored))[:rows])
     return np.concatenate(outs, axis=0)
-
-
-def minibatches(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
-    """Splits the step batch into consecutive mini-batches of `size` rows (size must divide N)."""
-    n = next(iter(batch.values())).shape[0]
-    size = size or n
-    if n % size:
-        raise ValueError(f"ppo_mini_batch_size={size} does not divide the step's {n} rollouts")
-    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
 _ARRAY_FIELDS = ("prompt_tokens", "prompt_mask", "tokens", "logprobs", "lengths", "truncated")
@@ -132,7 +122,8 @@ _ARRAY_FIELDS = ("prompt_tokens", "prompt_mask", "tokens", "logprobs", "lengths"
 def save_rollouts(path: str, r: Rollouts) -> None:
     """Writes a step's sampled-but-not-yet-trained rollouts (overlap mode) atomically, for exact resume."""
     tmp = f"{path}.tmp.npz"
-    np.savez(tmp, group_size=r.group_size, record_ids=np.array([x.id for x in r.records]),
+    gap = np.nan if r.logprob_gap_max is None else r.logprob_gap_max
+    np.savez(tmp, group_size=r.group_size, record_ids=np.array([x.id for x in r.records]), logprob_gap_max=gap,
              **{k: getattr(r, k) for k in _ARRAY_FIELDS})
     import os
 
@@ -146,5 +137,7 @@ def load_rollouts(path: str, records: Sequence[QARecord], tokenizer, eos: Sequen
             raise ValueError(f"{path}: saved rollouts belong to records {ids[:3]}..., not this step's")
         arrays = {k: f[k] for k in _ARRAY_FIELDS}
         group_size = int(f["group_size"])
+        gap = float(f["logprob_gap_max"]) if "logprob_gap_max" in f else np.nan
     return Rollouts(records=list(records), group_size=group_size, **arrays,
-                    texts=decode_responses(tokenizer, arrays["tokens"], arrays["lengths"], eos))
+                    texts=decode_responses(tokenizer, arrays["tokens"], arrays["lengths"], eos),
+                    logprob_gap_max=None if np.isnan(gap) else gap)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from exprl_jax import sharding as shd
+from exprl_jax.batching import batch_shards, round_up
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.models.transformer import forward_with_cache, init_cache, positions_from_mask
 
@@ -90,7 +91,8 @@ def _generate_traced(params, prompt_NP, prompt_mask_NP, rng, config, max_new_tok
                                                        "activation_kv_heads", None)), caches)
     kv_valid = jnp.concatenate([prompt_mask_NP, jnp.zeros((N, max_new_tokens), jnp.int32)], axis=1)
     positions = positions_from_mask(prompt_mask_NP)
-    logits, caches = forward_with_cache(config, params, prompt_NP, positions, caches, 0, kv_valid)
+    last_logits, caches = forward_with_cache(config, params, prompt_NP, positions, caches, 0, kv_valid,
+                                             last_only=True)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def body(carry):
@@ -103,15 +105,15 @@ def _generate_traced(params, prompt_NP, prompt_mask_NP, rng, config, max_new_tok
         out_lp = jax.lax.dynamic_update_slice_in_dim(out_lp, logp[:, None], i, axis=1)
         kv_valid = jax.lax.dynamic_update_slice_in_dim(kv_valid, (~done).astype(jnp.int32)[:, None], P + i, axis=1)
         logits, caches = forward_with_cache(config, params, token[:, None], next_pos[:, None], caches, P + i,
-                                            kv_valid)
+                                            kv_valid, last_only=True)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, eos)
-        return i + 1, caches, logits[:, -1], kv_valid, next_pos + 1, done, lengths, rng, out_tok, out_lp
+        return i + 1, caches, logits, kv_valid, next_pos + 1, done, lengths, rng, out_tok, out_lp
 
     def cond(carry):
         return (carry[0] < max_new_tokens) & ~jnp.all(carry[5])
 
-    init = (jnp.int32(0), caches, logits[:, -1], kv_valid, positions[:, -1] + 1, jnp.zeros((N,), bool),
+    init = (jnp.int32(0), caches, last_logits, kv_valid, positions[:, -1] + 1, jnp.zeros((N,), bool),
             jnp.zeros((N,), jnp.int32), rng, jnp.full((N, max_new_tokens), pad_id, jnp.int32),
             jnp.zeros((N, max_new_tokens), jnp.float32))
     _, _, _, _, _, done, lengths, _, out_tok, out_lp = jax.lax.while_loop(cond, body, init)
@@ -122,7 +124,8 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], rng:
              num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, mesh=None, prompt_multiple: int = 16) -> SampleOutput:
     """Samples `num_samples` continuations of each prompt (token-id lists of any lengths). Rows are prompt-major.
-    With a mesh, rows are split over data×fsdp (their count must divide evenly) and params keep their shardings."""
+    With a mesh, rows are split over data×fsdp (any count: padded rows are dropped) and params keep their
+    shardings."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
     if num_samples < 1:
@@ -138,7 +141,10 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], rng:
                   top_k=int(top_k), eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
     if mesh is None:
         out = _generate(params, jnp.asarray(tokens), jnp.asarray(mask), rng, mesh=None, **kwargs)
-    else:
+    else:  # rows padded (copies of the last one) to a multiple of data×fsdp, and sliced off the outputs
+        rows = len(tokens)
+        extra = round_up(rows, batch_shards(mesh)) - rows
+        tokens, mask = (np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) for x in (tokens, mask))
         batch = shd.shard_batch({"tokens": tokens, "mask": mask}, mesh)
-        out = _generate(params, batch["tokens"], batch["mask"], rng, mesh=mesh, **kwargs)
+        out = [x[:rows] for x in _generate(params, batch["tokens"], batch["mask"], rng, mesh=mesh, **kwargs)]
     return SampleOutput(*out)

@@ -27,6 +27,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # the stacked-layer axis of scan_layers params
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),
@@ -116,9 +117,9 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh)))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) dim over data×fsdp, the rest replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, leading_axes: int = 0) -> NamedSharding:
+    """The rows dim (after `leading_axes` unsplit dims, e.g. micro-batches) over data×fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(*([None] * leading_axes), ("data", "fsdp"), *([None] * (ndim - leading_axes - 1))))
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch") -> None:
@@ -130,11 +131,12 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch") -> N
         )
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places host arrays on the mesh, batch dim split over data×fsdp, with a clear error on uneven sizes."""
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, leading_axes: int = 0) -> dict[str, jax.Array]:
+    """Places host arrays on the mesh, the rows dim split over data×fsdp, with a clear error on uneven sizes
+    (batching.pad_rows pads any row count)."""
     for key, value in batch.items():
-        check_batch_divisible(np.shape(value)[0], mesh, what=f"batch[{key!r}]")
-    return {k: jax.device_put(v, batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
+        check_batch_divisible(np.shape(value)[leading_axes], mesh, what=f"batch[{key!r}]")
+    return {k: jax.device_put(v, batch_sharding(mesh, np.ndim(v), leading_axes)) for k, v in batch.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

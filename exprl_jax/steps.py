@@ -3,20 +3,25 @@ jitted update on each mini-batch. The same runner serves every method; only the 
 """
 from __future__ import annotations
 
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
 
 from exprl_jax import advantages as adv_lib
 from exprl_jax import sharding as shd
+from exprl_jax.batching import batch_shards, minibatches, to_micro_batches
 from exprl_jax.data import QARecord
+from exprl_jax.methods import loss_mask_key
 from exprl_jax.rewards.answers import check_answers, extract_answer
 from exprl_jax.rewards.base import RewardBatch, Span, score_sync
 from exprl_jax.rewards.sparse import no_correct_frac
-from exprl_jax.rollouts import (Rollouts, minibatches, prompt_text, sample_rollouts, score_responses,
-                                sequence_batch)
+from exprl_jax.rollouts import Rollouts, prompt_text, sample_rollouts, score_responses, sequence_batch
 from exprl_jax.sampling import pad_prompts
+
+log = logging.getLogger(__name__)
 
 
 def sft_batch(records: list[QARecord], tokenizer, *, seq_len: int, template: str, eos: int, pad: int,
@@ -60,11 +65,41 @@ class StepRunner:
             from exprl_jax.judge.templates import load_template
 
             self.teacher_template = load_template("self-distill-teacher")
+        self._judge_pool = ThreadPoolExecutor(max_workers=1)  # the judge runs beside the device, never inside jit
+        recompute = self.cfg.rollout.recompute_logprobs
+        self.recompute_logprobs = recompute == "true" or (recompute == "auto" and exp.model_cfg.dtype != "float32")
 
     def close(self):
+        self._judge_pool.shutdown()
         close = getattr(self.reward_fn, "close", None)
         if close is not None:
             close()
+
+    # ---- one sampled step: score on a worker thread while the device works, then update ----
+    def rl_step(self, state, rollouts: Rollouts, key, *, sample_next=None):
+        """Scores `rollouts` (host thread) while the device computes reference / teacher log-probs and, given
+        `sample_next(params)`, samples the next step with the pre-update params (judge overlap). Then builds the
+        batch and updates. Returns (state, metrics, next step's rollouts or None)."""
+        scoring = self._judge_pool.submit(self.score, rollouts)
+        t_device = time.time()
+        ref_logprobs = self.reference_logprobs(rollouts)
+        pending, sample_s = sample_next(state.params) if sample_next is not None else (None, 0.0)
+        device_done = time.time()
+        scored = scoring.result()
+        judge_s, waited = scored[3], max(0.0, time.time() - device_done)
+        batch, metrics = self.build_batch(rollouts, scored, ref_logprobs)
+        t = time.time()
+        if batch["response_mask"].any():
+            state, update_metrics = self.update(state, batch, key)
+            metrics.update(update_metrics)
+        else:  # nothing scored: no update, so AdamW does not decay the weights on a zero gradient
+            metrics["update/skipped"] = 1.0
+            log.warning("optimizer step %d: no rollout could be scored; update skipped", int(state.step) + 1)
+        # time/judge_hidden_frac: the share of the judge's wall time spent while the device was busy
+        metrics.update({"time/sample_s": sample_s, "time/reward_s": judge_s, "time/update_s": time.time() - t,
+                        "time/device_while_judging_s": device_done - t_device,
+                        "time/judge_hidden_frac": 1.0 - waited / judge_s if judge_s > 0 else 1.0})
+        return state, metrics, pending
 
     # ---- SFT: no sampling ----
     def sft_step(self, state, records: list[QARecord], key):
@@ -79,12 +114,25 @@ class StepRunner:
 
     # ---- sampled methods ----
     def sample(self, params, records: list[QARecord], key) -> tuple[Rollouts, float]:
+        """Rollouts of `records` under `params`. With rollout.recompute_logprobs on, their behaviour log-probs
+        are then recomputed by the training forward with the same params, so the first mini-batch's ratio is
+        exactly 1 even when the sampler's low-precision log-probs differ from the trainer's (SPEC §5)."""
         t = time.time()
         rollouts = sample_rollouts(self.exp.model_cfg, params, self.exp.tokenizer, records, key,
                                    rollout_cfg=self.cfg.rollout, template=self.cfg.data.prompt_template,
                                    eos=self.exp.eos, pad=self.exp.pad, mesh=self.exp.mesh,
                                    chat=self.cfg.data.chat_template)
+        if self.recompute_logprobs:
+            recomputed = self._logprobs(params, rollouts)
+            mask = rollouts.response_mask.astype(bool)
+            rollouts.logprob_gap_max = float(np.abs(recomputed - rollouts.logprobs)[mask].max(initial=0.0))
+            rollouts.logprobs = recomputed
         return rollouts, time.time() - t
+
+    def _logprobs(self, params, r: Rollouts) -> np.ndarray:
+        batch = sequence_batch(r.prompt_tokens, r.prompt_mask, r.tokens, r.response_mask)
+        return score_responses(self.exp.model_cfg, params, batch, self.cfg.rollout.temperature, self.exp.mesh,
+                               chunk=self.cfg.train.micro_batch_size)
 
     def reference_logprobs(self, r: Rollouts) -> np.ndarray | None:
         """Log-probs of the rollouts under the frozen initial policy (device work, independent of rewards)."""
@@ -92,9 +140,7 @@ class StepRunner:
             return self._teacher_logprobs(r)
         if not self.cfg.loss.kl_coef:
             return None
-        batch = sequence_batch(r.prompt_tokens, r.prompt_mask, r.tokens, r.response_mask)
-        return score_responses(self.exp.model_cfg, self.exp.ref_params, batch, self.cfg.rollout.temperature,
-                               self.exp.mesh)
+        return self._logprobs(self.exp.ref_params, r)
 
     def score(self, r: Rollouts):
         """Host work of a step: rewards (judge or answer check) or nothing (self-distillation). Thread-safe."""
@@ -154,9 +200,12 @@ class StepRunner:
         return np.array([c.correct for c in checks]) & ~r.truncated
 
     def _rollout_metrics(self, r: Rollouts, correct: np.ndarray) -> dict:
-        return {"reward/sparse_acc": correct.mean(), "reward/no_correct_frac": no_correct_frac(correct, r.group_size),
-                "response/length_mean": r.lengths.mean(), "response/length_max": r.lengths.max(),
-                "response/truncated_frac": r.truncated.mean()}
+        metrics = {"reward/sparse_acc": correct.mean(), "reward/no_correct_frac": no_correct_frac(correct, r.group_size),
+                   "response/length_mean": r.lengths.mean(), "response/length_max": r.lengths.max(),
+                   "response/truncated_frac": r.truncated.mean()}
+        if r.logprob_gap_max is not None:  # the largest sampler-vs-trainer log-prob difference (recompute on)
+            metrics["rollout/logprob_gap_max"] = r.logprob_gap_max
+        return metrics
 
     def _segments(self, r: Rollouts):
         from exprl_jax.judge.segment import segment_batch
@@ -176,7 +225,7 @@ class StepRunner:
         G = r.group_size
         teacher_batch = sequence_batch(np.repeat(t_tokens, G, 0), np.repeat(t_mask, G, 0), r.tokens, r.response_mask)
         return score_responses(self.exp.model_cfg, self.exp.ref_params, teacher_batch, self.cfg.rollout.temperature,
-                               self.exp.mesh)
+                               self.exp.mesh, chunk=self.cfg.train.micro_batch_size)
 
     def _decode(self, ids):
         # special tokens (EOS) decode to "", so a trailing EOS joins the last segment instead of forming one
@@ -184,14 +233,27 @@ class StepRunner:
 
     # ---- the jitted update over mini-batches ----
     def update(self, state, batch, key):
-        size = self.cfg.loss.ppo_mini_batch_size if self.cfg.method != "sft" else 0
-        collected = []
+        """One optimizer step per PPO mini-batch, each split into micro-batches inside the jitted step. A
+        mini-batch with no loss token (all rows unscored or padding) takes no optimizer step."""
+        method = self.cfg.method
+        size = self.cfg.loss.ppo_mini_batch_size if method != "sft" else 0
+        mask_key = loss_mask_key(method)
+        shards = batch_shards(self.exp.mesh)
+        collected, skipped = [], 0
         for i, mini in enumerate(minibatches(batch, size)):
-            mini = shd.shard_batch(mini, self.exp.mesh)
-            state, m = self.update_fn(state, mini, jax.random.fold_in(key, i))
+            if not mini[mask_key].any():
+                skipped += 1
+                continue
+            micro = to_micro_batches(mini, self.cfg.train.micro_batch_size, shards)
+            state, m = self.update_fn(state, shd.shard_batch(micro, self.exp.mesh, leading_axes=1),
+                                      jax.random.fold_in(key, i))
             collected.append(jax.device_get(m))
-        metrics = {k: float(np.mean([m[k] for m in collected])) for k in collected[0]}
+        metrics = {"update/minibatches": len(collected), "update/skipped_minibatches": skipped}
+        if not collected:
+            return state, metrics
+        # ratios are judged by their worst mini-batch; everything else is the mean over mini-batches
+        metrics.update({k: float(np.max([m[k] for m in collected]) if k.endswith("/max")
+                                 else np.mean([m[k] for m in collected])) for k in collected[0]})
         if not np.isfinite(metrics["loss/total"]):
             raise FloatingPointError(f"non-finite loss {metrics['loss/total']} at optimizer step {int(state.step)}")
-        metrics["update/minibatches"] = len(collected)
         return state, metrics

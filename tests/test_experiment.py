@@ -11,7 +11,8 @@ import pytest
 
 from conftest import ROOT, smoke_config
 from exprl_jax.config import METHODS
-from exprl_jax.experiment import Experiment, ResumeRefused, step_indices
+from exprl_jax.data import step_indices
+from exprl_jax.experiment import Experiment, ResumeRefused
 from exprl_jax.metrics import read_metrics
 
 COMMON_KEYS = {"loss/total", "grad/norm", "time/update_s"}
@@ -123,7 +124,7 @@ def test_resume_with_another_config_is_refused_in_process(tmp_path):
 
 def test_stage2_starts_from_a_stage1_checkpoint(tmp_path):
     """Stage II loads the Stage-I run's final params (SPEC §2: only the starting checkpoint differs)."""
-    from exprl_jax.experiment import build_model, params_sha256
+    from exprl_jax.build import build_model, params_sha256
 
     stage1 = smoke_config(**{"method": "sft", "train.steps": 2, "eval.at_start": False, "eval.at_end": False})
     first = Experiment(stage1, str(tmp_path / "stage1")).run()

@@ -8,6 +8,9 @@ import jax.numpy as jnp
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# "full" saves nothing but each layer's input; "dots" saves matmul outputs; "dots_no_batch" only those without
+# batch dims (weight-stationary); "proj" saves the q/k/v/o and MLP projections tagged in transformer.py.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "proj")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,6 +32,11 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     param_dtype: str = "float32"  # storage dtype of parameters
     dtype: str = "float32"  # compute dtype of activations; logits and log-probs are always float32
+    # ---- memory layout of the compute (none of these changes the math) ----
+    scan_layers: bool = False  # layer params stacked on a leading "layers" axis, one lax.scan over the layers
+    remat: str = "none"  # per-layer rematerialisation: one of REMAT_POLICIES (transformer.py)
+    logits_chunk: int = 0  # > 0: sequence positions per chunk of the vocabulary projection in log-prob / entropy
+    #                        passes (chunks cover every row), so [rows, positions, V] logits are never materialised
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -48,6 +56,10 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; supported: {tuple(_DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}; supported: {REMAT_POLICIES}")
+        if self.logits_chunk < 0:
+            raise ValueError(f"ModelConfig.logits_chunk={self.logits_chunk} must be >= 0 (0 = unchunked)")
 
     @property
     def jnp_param_dtype(self):

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from exprl_jax.models.config import ModelConfig
-from exprl_jax.models.transformer import init_boxed
+from exprl_jax.models.transformer import init_boxed, unstack_layers
 from exprl_jax.sharding import param_shardings
 
 SINGLE_FILE = "model.safetensors"
@@ -52,8 +52,22 @@ def _abstract_boxed(config: ModelConfig):
     return jax.eval_shape(lambda: init_boxed(config, jax.random.key(0)))
 
 
+def _placements(config: ModelConfig, table: list[_Tensor]):
+    """(our params path, the HF tensors that fill it): one each, or with scan_layers one per layer for each
+    stacked "layers" leaf (in layer order)."""
+    if not config.scan_layers:
+        return [(e.path, [e]) for e in table]
+    groups: dict[tuple[str, ...], list[_Tensor]] = {}
+    for e in table:
+        key = ("layers", *e.path[1:]) if e.path[0].startswith("layers_") else e.path
+        groups.setdefault(key, []).append(e)  # the table lists layers in order
+    return list(groups.items())
+
+
 def _tensor_table(config: ModelConfig, abstract_boxed=None) -> list[_Tensor]:
-    """Every HF tensor of `config`, checked against the params tree the model itself declares."""
+    """Every HF tensor of `config`, checked against the params tree the model itself declares (in the unrolled
+    layout; `_placements` maps it onto scan_layers' stacked one)."""
+    config = config.replace(scan_layers=False)
     D, N, K, H, F, V = (config.d_model, config.num_heads, config.num_kv_heads, config.head_dim, config.mlp_dim,
                         config.vocab_size)
     table = [("model.embed_tokens.weight", ("embed",), (V, D), False),
@@ -124,24 +138,27 @@ def _read_dtype(hf_config: dict[str, Any]) -> str:
     return declared if declared in ("float32", "bfloat16", "float16") else "float32"
 
 
-def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: str | None = None,
-            dtype: str | None = None) -> tuple[ModelConfig, dict]:
+def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, **overrides) -> tuple[ModelConfig, dict]:
     """Reads a local HF model directory into (config, params).
 
-    `param_dtype` defaults to the dtype config.json declares (`dtype` / `torch_dtype`, else float32) and `dtype`
-    (compute) to `param_dtype`; tensors are cast on the host. Tensors are read one at a time (memory-mapped) and
-    each goes straight to its device, or with a mesh to its `param_shardings` sharding, so the model is never whole
-    in host memory nor on one device. Single process; multi-host would place local shards with
-    `jax.make_array_from_callback` instead.
+    Any `ModelConfig` field can be overridden by keyword (`load_hf(path, attention_impl="chunked",
+    scan_layers=True, logits_chunk=512, param_dtype="float32")`); the params come in the layout that config needs
+    (stacked layers with `scan_layers`). `param_dtype` defaults to the dtype config.json declares (`dtype` /
+    `torch_dtype`, else float32) and `dtype` (compute) to `param_dtype`; tensors are cast on the host, so a bf16
+    checkpoint loaded with param_dtype="float32" gives float32 masters. Tensors are read one at a time
+    (memory-mapped; with scan_layers, one parameter kind across all layers) and each goes straight to its device,
+    or with a mesh to its `param_shardings` sharding, so the model is never whole in host memory nor on one device.
+    Single process; multi-host would place local shards with `jax.make_array_from_callback` instead.
     In a tied model a stored `lm_head.weight` is accepted only when equal to the embedding (some exporters write
     both); a different one raises, since dropping it would silently change the model.
     """
     with open(os.path.join(path, "config.json")) as f:
         hf_config = json.load(f)
-    param_dtype = param_dtype or _read_dtype(hf_config)
-    config = ModelConfig.from_hf_config(hf_config, param_dtype=param_dtype, dtype=dtype or param_dtype)
-    abstract = _abstract_boxed(config)
-    table = _tensor_table(config, abstract)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides.setdefault("param_dtype", _read_dtype(hf_config))
+    overrides.setdefault("dtype", overrides["param_dtype"])
+    config = ModelConfig.from_hf_config(hf_config, **overrides)
+    table = _tensor_table(config)
     files, listing = _tensor_files(path)
 
     expected = {e.hf_name for e in table}
@@ -151,7 +168,7 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: st
     if extra:
         raise ValueError(f"{path}: unexpected tensors for {config.family} {hf_config.get('architectures')}: {extra}")
 
-    shardings = param_shardings(abstract, mesh) if mesh is not None else None
+    shardings = param_shardings(_abstract_boxed(config), mesh) if mesh is not None else None
     host_dtype = np.dtype(config.jnp_param_dtype)
     params: dict = {}
     with contextlib.ExitStack() as stack:
@@ -170,10 +187,12 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, param_dtype: st
                 raise ValueError(f"{path}: tensor {name!r} has shape {stored}, expected {shape} from config.json")
             return handles[file].get_tensor(name)
 
-        for entry in table:
-            host = entry.to_ours(read(entry.hf_name, entry.hf_shape)).astype(host_dtype)
-            target = _get(shardings, entry.path) if shardings is not None else None
-            _set(params, entry.path, jax.device_put(host, target))
+        for our_path, entries in _placements(config, table):
+            hosts = [e.to_ours(read(e.hf_name, e.hf_shape)).astype(host_dtype) for e in entries]
+            host = np.stack(hosts) if config.scan_layers and our_path[0] == "layers" else hosts[0]
+            target = _get(shardings, our_path) if shardings is not None else None
+            _set(params, our_path, jax.device_put(host, target))
+            del hosts, host
         if tied_head:
             embed = read("model.embed_tokens.weight", (config.vocab_size, config.d_model))
             if not np.array_equal(read("lm_head.weight", embed.shape), embed):
@@ -212,6 +231,10 @@ def save_hf(path: str, config: ModelConfig, params, *, max_shard_bytes: int | No
     """
     hf_config = config.to_hf_config()  # first, so a config HF cannot express fails before any file is touched
     table = _tensor_table(config)
+    if config.scan_layers:
+        if "layers" not in params:
+            raise ValueError("save_hf: config.scan_layers=True but params have no stacked 'layers' subtree")
+        params = unstack_layers(params, config.num_layers)
     for entry in table:
         leaf = _get(params, entry.path)
         if tuple(leaf.shape) != entry.our_shape:

@@ -10,8 +10,10 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from exprl_jax.models.config import ModelConfig
+from exprl_jax.models.head import head_matrix, logits_of, token_logprobs_entropy
 from exprl_jax.sharding import constrain
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows (left padding) stay NaN-free
@@ -121,41 +123,63 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, key_valid, q_slots, cache, cache_index):
+    def __call__(self, x, positions, key_valid, q_slots, cache=None, cache_index=0):
         attn_out, cache = Attention(self.cfg, name="attn")(
             RMSNorm(self.cfg, name="input_norm")(x), positions, key_valid, q_slots, cache, cache_index)
-        x = x + attn_out
-        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
+        x = x + checkpoint_name(attn_out, "attn_out")
+        x = x + checkpoint_name(MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x)), "mlp_out")
         return constrain(x, ("activation_batch", "activation_length", "activation_embed")), cache
+
+
+def _remat_policy(name: str):
+    policies = jax.checkpoint_policies
+    return {"full": policies.nothing_saveable, "dots": policies.checkpoint_dots,
+            "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+            "proj": policies.save_only_these_names("attn_out", "mlp_out")}[name]
+
+
+def _block_class(cfg: ModelConfig):
+    if cfg.remat == "none":
+        return Block
+    # prevent_cse only matters outside scan (inside, the loop already keeps XLA from merging the recomputation)
+    return nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
 
 
 class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, key_valid, q_slots, caches=None, cache_index=0):
+    def __call__(self, tokens, positions, key_valid, q_slots, caches=None, cache_index=0, *, hidden_only=False):
+        """Logits float32 [B, T, V] (or final-norm hidden states [B, T, D] with `hidden_only`), and the caches."""
         cfg = self.cfg
         embedding = _param(self, "embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
                            ("vocab", "embed"), cfg)
         # gather from a replicated copy: a gather from a vocab/fsdp-sharded table forces XLA to rematerialise it
         x = jnp.take(constrain(embedding, (None, None)), tokens, axis=0).astype(cfg.jnp_dtype)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        new_caches = []
-        for i in range(cfg.num_layers):
-            x, layer_cache = Block(cfg, name=f"layers_{i}")(
-                x, positions, key_valid, q_slots, None if caches is None else caches[i], cache_index)
-            new_caches.append(layer_cache)
-        x = RMSNorm(cfg, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            head = embedding.T
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            if caches is not None:
+                raise ValueError("scan_layers: the cache forward runs on unstacked layers (forward_with_cache)")
+            scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = scanned(cfg, name="layers")(x, positions, key_valid, q_slots)
+            new_caches = None
         else:
+            new_caches = []
+            for i in range(cfg.num_layers):
+                x, layer_cache = block(cfg, name=f"layers_{i}")(
+                    x, positions, key_valid, q_slots, None if caches is None else caches[i], cache_index)
+                new_caches.append(layer_cache)
+            new_caches = None if caches is None else tuple(new_caches)
+        x = RMSNorm(cfg, name="final_norm")(x)
+        if not cfg.tie_embeddings:
             head = _param(self, "lm_head", nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
                           ("embed", "vocab"), cfg)
-        B, T, D = x.shape
-        logits = jnp.einsum("MD,DV->MV", x.reshape(B * T, D), head.astype(cfg.jnp_dtype),
-                            preferred_element_type=jnp.float32).reshape(B, T, cfg.vocab_size)
-        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return logits, (None if caches is None else tuple(new_caches))
+        if hidden_only:
+            return x, new_caches
+        return logits_of(cfg, x, embedding.T if cfg.tie_embeddings else head), new_caches
 
 
 # ---- pure functions over a plain params pytree ----
@@ -179,17 +203,53 @@ def positions_from_mask(attention_mask):
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
+def _full_masks(tokens, attention_mask, positions):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    attention_mask = jnp.ones(tokens.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask,
+                                                                                                  jnp.int32)
+    return tokens, attention_mask, positions_from_mask(attention_mask) if positions is None else positions
+
+
 def forward(config: ModelConfig, params, tokens, *, attention_mask=None, positions=None):
     """Teacher-forced logits, float32 [B, T, V]. tokens int32 [B, T]; attention_mask 1/0 [B, T] (left padding)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if attention_mask is None:
-        attention_mask = jnp.ones(tokens.shape, jnp.int32)
-    attention_mask = jnp.asarray(attention_mask, jnp.int32)
-    if positions is None:
-        positions = positions_from_mask(attention_mask)
+    tokens, attention_mask, positions = _full_masks(tokens, attention_mask, positions)
     logits, _ = Transformer(config).apply(
         {"params": params}, tokens, positions, attention_mask, jnp.arange(tokens.shape[1]))
     return logits
+
+
+def forward_hidden(config: ModelConfig, params, tokens, *, attention_mask=None, positions=None):
+    """Final-norm hidden states [B, T, D] (compute dtype): `forward` without the vocabulary projection, for the
+    chunked head (models/head.py)."""
+    tokens, attention_mask, positions = _full_masks(tokens, attention_mask, positions)
+    hidden, _ = Transformer(config).apply(
+        {"params": params}, tokens, positions, attention_mask, jnp.arange(tokens.shape[1]), hidden_only=True)
+    return hidden
+
+
+# ---- layer layouts: "layers_{i}" subtrees (unrolled) <-> one "layers" subtree stacked on axis 0 (scan_layers) ----
+def stack_layers(params, num_layers: int):
+    """Unrolled params -> the scan_layers layout (a new tree; arrays are stacked)."""
+    layers = [params[f"layers_{i}"] for i in range(num_layers)]
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return out
+
+
+def unstack_layers(params, num_layers: int):
+    """scan_layers params -> the unrolled layout (slices of the stacked arrays)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    return out
+
+
+def decode_layout(config: ModelConfig, params):
+    """(config, params) for the cache forward: unrolled layers (per-layer caches stay in place in the decode
+    loop's carry; see ENV_NOTES) and no rematerialisation (nothing is differentiated)."""
+    if config.scan_layers:
+        params = unstack_layers(params, config.num_layers)
+    return config.replace(scan_layers=False, remat="none"), params
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> tuple[LayerCache, ...]:
@@ -199,21 +259,31 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> tupl
     return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
 
 
-def forward_with_cache(config: ModelConfig, params, tokens, positions, caches, cache_index, kv_valid):
+def forward_with_cache(config: ModelConfig, params, tokens, positions, caches, cache_index, kv_valid, *,
+                       last_only: bool = False):
     """Runs tokens [B, T] at cache slots [cache_index, cache_index + T). `kv_valid` [B, S] marks real tokens in the
-    cache *including* this chunk. Returns (float32 logits [B, T, V], updated caches)."""
+    cache *including* this chunk. Returns (float32 logits [B, T, V], or [B, V] at the last position with
+    `last_only`, and the updated caches)."""
+    config, params = decode_layout(config, params)
     q_slots = cache_index + jnp.arange(tokens.shape[1])
-    return Transformer(config).apply(
-        {"params": params}, tokens, positions, kv_valid, q_slots, caches, cache_index)
+    hidden, caches = Transformer(config).apply(
+        {"params": params}, tokens, positions, kv_valid, q_slots, caches, cache_index, hidden_only=True)
+    if last_only:
+        hidden = hidden[:, -1:]
+    logits = logits_of(config, hidden, head_matrix(config, params))
+    return (logits[:, -1] if last_only else logits), caches
 
 
 def token_logprobs(config: ModelConfig, params, tokens, *, attention_mask=None, temperature: float = 1.0):
     """Teacher-forced log-prob of each next token, float32 [B, T-1]: entry t scores tokens[:, t+1].
 
     `temperature` scales the logits exactly as the sampler does, so new / old / reference log-probs all come from
-    the distribution that was sampled (SPEC §5; a mismatch breaks the importance ratio)."""
-    logits = forward(config, params, tokens, attention_mask=attention_mask)[:, :-1]
-    return logprobs_of(logits, jnp.asarray(tokens, jnp.int32)[:, 1:], temperature)
+    the distribution that was sampled (SPEC §5; a mismatch breaks the importance ratio). Chunked over positions
+    when `config.logits_chunk` > 0."""
+    hidden = forward_hidden(config, params, tokens, attention_mask=attention_mask)[:, :-1]
+    logp, _ = token_logprobs_entropy(config, hidden, head_matrix(config, params),
+                                     jnp.asarray(tokens, jnp.int32)[:, 1:], temperature)
+    return logp
 
 
 def logprobs_of(logits_BTV, targets_BT, temperature: float = 1.0):

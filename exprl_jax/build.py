@@ -1,0 +1,107 @@
+"""What a run is assembled from, before its first step: the model (preset or checkpoint), its tokenizer, the
+records, and small run-level utilities (parameter digest, asset paths, the XLA compilation cache)."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import jax
+import numpy as np
+
+from exprl_jax import config as config_lib
+from exprl_jax.data import QARecord, load_gsm8k, load_math, read_jsonl
+from exprl_jax.models.config import ModelConfig
+from exprl_jax.tokenizer import load_tokenizer, pad_id
+
+
+def params_sha256(params) -> str:
+    """Digest of every parameter's path, dtype, shape and bytes (host copy)."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda x: jax.tree_util.keystr(x[0])):
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_path(path: str) -> str:
+    """A relative path that does not exist from the working directory is taken relative to the repository root,
+    so shipped assets (e.g. assets/testbed_base) are found from anywhere."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(REPO_ROOT, path)
+    return candidate if os.path.exists(candidate) else path
+
+
+def build_model(cfg: config_lib.ExperimentConfig, mesh=None):
+    """(model config, loaded params or None, tokenizer). Precedence: init_checkpoint > hf_path (loaded tensor by
+    tensor onto `mesh`) > a preset, whose params `init_train_state` then initialises directly on the mesh."""
+    m = cfg.model
+    layout = {k: getattr(m, k) for k in ("scan_layers", "remat", "logits_chunk")}
+    source = m.init_checkpoint and os.path.join(resolve_path(m.init_checkpoint), "final_hf") or resolve_path(m.hf_path)
+    if source:
+        from exprl_jax.models.hf import load_hf
+
+        # masters and optimizer state in model.param_dtype, whatever dtype the checkpoint was saved in
+        model_cfg, params = load_hf(source, param_dtype=m.param_dtype, dtype=m.dtype, mesh=mesh, **layout)
+        tokenizer = load_tokenizer(source if os.path.isfile(os.path.join(source, "tokenizer.json")) else m.tokenizer)
+        return model_cfg, params, tokenizer
+    tokenizer = load_tokenizer(m.tokenizer)
+    presets = {"tiny": ModelConfig.tiny, "qwen3_0_6b": ModelConfig.qwen3_0_6b, "qwen3_1_7b": ModelConfig.qwen3_1_7b,
+               "qwen3_4b": ModelConfig.qwen3_4b, "qwen3_8b": ModelConfig.qwen3_8b}
+    if m.preset not in presets:
+        raise ValueError(f"config.model.preset={m.preset!r}; expected one of {tuple(presets)}")
+    overrides = {k: getattr(m, k) for k in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                            "mlp_dim") if getattr(m, k) > 0}
+    model_cfg = presets[m.preset](dtype=m.dtype, param_dtype=m.param_dtype, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=pad_id(tokenizer), bos_token_id=tokenizer.bos_token_id, **overrides,
+                                  **layout)
+    if model_cfg.vocab_size < len(tokenizer):
+        raise ValueError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(tokenizer)}")
+    return model_cfg, None, tokenizer  # None: init_train_state creates the params already sharded
+
+
+def load_records(cfg: config_lib.ExperimentConfig) -> tuple[list[QARecord], list[QARecord], dict]:
+    d = cfg.data
+    stats: dict = {}
+    if d.source == "toy_addition":
+        from exprl_jax.tasks.toy import addition_records
+
+        train, evals = addition_records(d.num_train or 256, seed=cfg.seed), addition_records(d.num_eval, seed=10_000)
+    elif d.source in ("jsonl", "gsm8k", "math"):
+        if not d.train_path:
+            raise ValueError(f"config.data.train_path is required for data.source={d.source!r}")
+
+        def load(path):
+            if d.source == "gsm8k":
+                return load_gsm8k(path), {}
+            if d.source == "math":
+                from exprl_jax.rewards.answers import extract_answer
+
+                return load_math(path, extract_answer=extract_answer), {}
+            return read_jsonl(path, on_bad_row=d.on_bad_row)
+
+        train, stats = load(d.train_path)
+        evals = load(d.eval_path)[0] if d.eval_path else []
+    elif d.source == "testbed":
+        from exprl_jax.tasks.testbed import testbed_records
+
+        train, evals = testbed_records(cfg)
+    else:
+        raise ValueError(f"config.data.source={d.source!r} is not known")
+    if d.num_train:
+        train = train[:d.num_train]
+    return train, evals[:d.num_eval], stats
+
+
+def enable_compilation_cache(directory: str | None = None) -> str:
+    """Persistent XLA compilation cache (halves a small run's wall time on CPU; a restart compiles nothing).
+    Default: $EXPRL_JAX_CACHE or ~/.cache/exprl_jax/xla."""
+    directory = directory or os.environ.get("EXPRL_JAX_CACHE") or os.path.expanduser("~/.cache/exprl_jax/xla")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
