@@ -28,13 +28,14 @@ class JudgeWatch:
     def __init__(self, limit: int):
         self.limit, self.streak = limit, 0
 
-    def check(self, metrics: dict) -> None:
+    def failure(self, metrics: dict) -> str | None:
+        """Counts this step; returns the error to stop with once the streak reaches the limit."""
         dead = metrics.get("judge/calls", 0) > 0 and metrics.get("judge/unscored_frac") == 1.0
         self.streak = self.streak + 1 if dead else 0
-        if self.streak >= self.limit > 0:
-            reasons = {k: v for k, v in metrics.items() if k.startswith("judge/unscored/")}
-            raise RuntimeError(
-                f"{self.streak} consecutive steps in which every judge call failed ({reasons}): the judge looks "
+        if self.streak < self.limit or self.limit <= 0:
+            return None
+        reasons = {k: v for k, v in metrics.items() if k.startswith("judge/unscored/")}
+        return (f"{self.streak} consecutive steps in which every judge call failed ({reasons}): the judge looks "
                 "unavailable. The last checkpoint is kept; fix the judge and re-run the same command.")
 
 
@@ -70,9 +71,11 @@ def train_loop(exp, state, start: int, runner, ckpt, logger):
                 overlap and step + 1 < cfg.train.steps) else None
             state, metrics, pending = runner.rl_step(state, pending, update_key, sample_next=sample_next)
             metrics["time/sample_s"] += sample_s
-            watch.check(metrics)
         metrics["time/step_s"] = time.time() - step_start
         row = logger.log(step + 1, metrics, console=False)
+        failure = watch.failure(metrics)
+        if failure:  # logged, not checkpointed: a re-run repeats this step
+            raise RuntimeError(failure)
         progress.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in ("loss/total", "reward/mean",
                               "reward/sparse_acc") if isinstance(row.get(k), float)})
         if pending is not None:

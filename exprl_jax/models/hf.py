@@ -154,6 +154,10 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, **overrides) ->
     """
     with open(os.path.join(path, "config.json")) as f:
         hf_config = json.load(f)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise TypeError(f"load_hf: {unknown} are not ModelConfig fields; any of "
+                        f"{[f.name for f in dataclasses.fields(ModelConfig)]} can be overridden")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     overrides.setdefault("param_dtype", _read_dtype(hf_config))
     overrides.setdefault("dtype", overrides["param_dtype"])
