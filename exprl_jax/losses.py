@@ -42,32 +42,50 @@ def _check_aggregation(agg):
         raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {AGGREGATIONS}")
 
 
-def aggregate(per_token_NT, mask_NT, agg: str = "token-mean"):
+def aggregate(per_token_NT, mask_NT, agg: str = "token-mean", *, denominator=None):
     """Reduces a per-token loss [N, T] to a scalar over the valid tokens of `mask_NT` (SPEC §5: token-mean).
 
+    The modes are verl's `loss_agg_mode`s, with verl's formulas:
     - "token-mean": sum over all valid tokens / their count; every token weighs the same, long answers weigh more.
     - "seq-mean-token-mean": mean over each sequence's valid tokens, then mean over sequences.
     - "seq-mean-token-sum": sum over each sequence's valid tokens, then mean over sequences.
-    - "seq-mean-token-sum-norm": each sequence's sum / T (the padded length, a constant), then mean over sequences.
-    The three "seq-mean" modes average over the sequences with at least one valid token: a rollout whose mask was
+    - "seq-mean-token-sum-norm" (Dr. GRPO): the sum over sequences of each sequence's token sum, divided by T (the
+      padded length, a constant), so the loss carries no length bias. Not a mean over sequences.
+    The two "seq-mean" modes average over the sequences with at least one valid token: a rollout whose mask was
     zeroed (an unscored rollout, SPEC §3) is dropped from the loss, not counted as a zero-loss sequence that would
-    shrink everyone else's weight. All counts are floored at 1, so an all-masked batch gives 0, never NaN.
+    shrink everyone else's weight. (verl counts it in seq-mean-token-sum and returns NaN in seq-mean-token-mean.)
+    All counts are floored at 1, so an all-masked batch gives 0, never NaN.
+
+    `denominator` replaces the final divisor (the token count, the sequence count, or T); with
+    `aggregate_denominator` of a whole mini-batch's mask, summing the aggregates of its parts gives the
+    aggregate of the whole (gradient accumulation over micro-batches).
     """
     _check_aggregation(agg)
     per_token_NT = _float(per_token_NT)
     valid_NT = _valid(mask_NT)
-    if agg == "token-mean":
-        return _masked_mean(per_token_NT, valid_NT)
     dtype = per_token_NT.dtype
+    if denominator is None:
+        denominator = aggregate_denominator(valid_NT, agg)
+    denominator = jnp.asarray(denominator).astype(dtype)
+    if agg == "token-mean":
+        return jnp.sum(_zero_where_invalid(per_token_NT, valid_NT)) / denominator
     tokens_N = jnp.sum(valid_NT, axis=-1)
     sums_N = jnp.sum(_zero_where_invalid(per_token_NT, valid_NT), axis=-1)
     if agg == "seq-mean-token-mean":
-        per_seq_N = sums_N / jnp.maximum(tokens_N, 1).astype(dtype)
-    elif agg == "seq-mean-token-sum":
-        per_seq_N = sums_N
-    else:  # "seq-mean-token-sum-norm" (Dr. GRPO): a constant divisor, so the loss carries no length bias.
-        per_seq_N = sums_N / per_token_NT.shape[-1]
-    return _masked_mean(per_seq_N, tokens_N > 0)
+        sums_N = sums_N / jnp.maximum(tokens_N, 1).astype(dtype)
+    return jnp.sum(sums_N) / denominator
+
+
+def aggregate_denominator(mask_NT, agg: str = "token-mean"):
+    """The divisor `aggregate` uses for `mask_NT` [N, T]: its valid-token count ("token-mean"), its count of
+    sequences with a valid token (the "seq-mean" modes) or T ("seq-mean-token-sum-norm"), floored at 1."""
+    _check_aggregation(agg)
+    valid_NT = _valid(mask_NT)
+    if agg == "seq-mean-token-sum-norm":
+        return jnp.asarray(valid_NT.shape[-1], jnp.int32)
+    if agg == "token-mean":
+        return jnp.maximum(jnp.sum(valid_NT), 1)
+    return jnp.maximum(jnp.sum(jnp.any(valid_NT, axis=-1)), 1)
 
 
 def kl_penalty(logprobs, ref_logprobs, kind: str = "k3"):
@@ -80,6 +98,8 @@ def kl_penalty(logprobs, ref_logprobs, kind: str = "k3"):
     - "k3" (alias "low_var_kl"): exp(r) − r − 1 with r clamped to ±20 and the value clamped to ±10;
       unbiased in value, never negative, low variance. The paper's choice.
     - "k3+": k3's value in the forward pass, k2's gradient (straight-through: k2 + stop_gradient(k3 − k2)).
+    The names and clamps are verl's `kl_loss_type`s ("k3+" is upstream verl's; the authors' fork predates it);
+    verl's aliases "kl" (k1), "mse" (k2) and its "abs" are not offered.
     """
     if kind not in KL_KINDS:
         raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_KINDS}")
@@ -99,6 +119,7 @@ def kl_penalty(logprobs, ref_logprobs, kind: str = "k3"):
 def policy_loss(
     logprobs, old_logprobs, advantages, mask, *,
     clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0, agg: str = "token-mean",
+    denominator=None,
 ):
     """PPO-clip with an asymmetric clip range and dual-clip (SPEC §5). All inputs [N, T]; returns (loss, metrics).
 
@@ -109,6 +130,9 @@ def policy_loss(
     Metrics are over valid tokens, whatever `agg` is. "clip/frac_*" count tokens whose loss comes from a clipped
     branch (gradient zero there). "kl/approx_old" is the k3 estimate of KL(π_old‖π_θ): the tokens were sampled
     from π_old, so k3 of r = logprobs − old_logprobs is unbiased for that direction and never negative.
+    verl's names: clip_low/clip_high/dual_clip are clip_ratio_low/clip_ratio_high/clip_ratio_c (verl cannot turn
+    the dual clip off); its pg_clipfrac is frac_low + frac_high, its pg_clipfrac_lower is frac_dual; its ppo_kl
+    metric is the k1 mean of old − new, not k3. `denominator`: see `aggregate`.
     """
     _check_aggregation(agg)  # before any work, so a typo fails at trace time with nothing computed
     if dual_clip is not None and dual_clip <= 1.0:
@@ -132,7 +156,7 @@ def policy_loss(
         dual_active = negative & (per_token > dual_cap)
         per_token = jnp.where(dual_active, dual_cap, per_token)
 
-    loss = aggregate(per_token, valid_NT, agg)
+    loss = aggregate(per_token, valid_NT, agg, denominator=denominator)
 
     def frac(condition_NT):
         return _masked_mean(condition_NT.astype(ratio.dtype), valid_NT)
@@ -163,15 +187,15 @@ def entropy_from_logits(logits_NTV):
     return log_normaliser_NT - jnp.sum(probs_NTV * finite_logits_NTV, axis=-1)
 
 
-def sft_loss(logprobs_NT, mask_NT, agg: str = "token-mean"):
+def sft_loss(logprobs_NT, mask_NT, agg: str = "token-mean", *, denominator=None):
     """SFT baseline (SPEC §6): next-token cross-entropy −log π(y_k | x, y_<k) on response tokens. (loss, metrics)."""
     valid_NT = _valid(mask_NT)
     nll_NT = -_zero_where_invalid(_float(logprobs_NT), valid_NT)
-    loss = aggregate(nll_NT, valid_NT, agg)
+    loss = aggregate(nll_NT, valid_NT, agg, denominator=denominator)
     return loss, {"loss/sft": loss, "sft/nll_token_mean": _masked_mean(nll_NT, valid_NT)}
 
 
-def self_distill_loss(logprobs, teacher_logprobs, mask, agg: str = "token-mean"):
+def self_distill_loss(logprobs, teacher_logprobs, mask, agg: str = "token-mean", *, denominator=None):
     """On-policy self-distillation baseline (SPEC §6). All inputs [N, T]; returns (loss, metrics).
 
     Per-token advantage A = stop_gradient(teacher_logprobs − logprobs); loss = −A·logprobs. Its gradient,
@@ -182,7 +206,7 @@ def self_distill_loss(logprobs, teacher_logprobs, mask, agg: str = "token-mean")
     logprobs = _zero_where_invalid(_float(logprobs), valid_NT)
     teacher_logprobs = _zero_where_invalid(_float(teacher_logprobs), valid_NT)
     advantages_NT = jax.lax.stop_gradient(teacher_logprobs - logprobs)
-    loss = aggregate(-advantages_NT * logprobs, valid_NT, agg)
+    loss = aggregate(-advantages_NT * logprobs, valid_NT, agg, denominator=denominator)
     metrics = {
         "loss/distill": loss,
         "distill/reverse_kl": jax.lax.stop_gradient(_masked_mean(logprobs - teacher_logprobs, valid_NT)),

@@ -154,8 +154,9 @@ AGG_EXPECTED = {
     "seq-mean-token-mean": 3.5,
     # (6 + 5) / 2 = 5.5. Counting the empty row: 11/3 = 3.667.
     "seq-mean-token-sum": 5.5,
-    # (6/4 + 5/4) / 2 = 1.375, T = 4 for every row. Dividing by each row's own length gives 3.5 instead.
-    "seq-mean-token-sum-norm": 1.375,
+    # verl's formula: (6 + 5) / T = 11 / 4 = 2.75, a sum over rows (not a mean): the mean over the 2 rows would
+    # give 1.375, over all 3 rows 0.9167; dividing by each row's own length gives 3.5 instead.
+    "seq-mean-token-sum-norm": 2.75,
 }
 
 
