@@ -173,6 +173,32 @@ def test_policy_loss_uses_aggregation(agg):
     assert float(loss) == pytest.approx(AGG_EXPECTED[agg], abs=1e-5)
 
 
+def test_seq_mean_token_sum_norm_is_verls_sum_over_rows():
+    # Row 0: 1 + 2 over 2 tokens; row 1: 3 over 1 token; T = 6. verl: (3 + 3) / 6 = 1.0. The distractors all
+    # differ: token-mean 6/3 = 2.0, seq-mean-token-sum 3.0, seq-mean-token-mean (1.5 + 3)/2 = 2.25, and the
+    # mean over rows of sum / T (a factor N = 2 off) 0.5.
+    values = np.array([[1.0, 2.0, 9.0, 9.0, 9.0, 9.0], [3.0, 9.0, 9.0, 9.0, 9.0, 9.0]], np.float32)
+    mask = np.array([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], np.float32)
+    got = {agg: float(aggregate(values, mask, agg)) for agg in losses.AGGREGATIONS}
+    assert got == pytest.approx({"token-mean": 2.0, "seq-mean-token-sum": 3.0, "seq-mean-token-mean": 2.25,
+                                 "seq-mean-token-sum-norm": 1.0}, abs=1e-6)
+
+
+@pytest.mark.parametrize("agg", list(AGG_EXPECTED))
+def test_denominator_of_the_whole_batch_makes_parts_add_up(agg):
+    # Gradient accumulation: aggregating rows {0} and {1, 2} separately with the whole batch's denominator and
+    # adding gives the whole batch's aggregate (AGG_EXPECTED): e.g. token-mean 6/4 + 5/4 = 2.75.
+    whole = losses.aggregate_denominator(RAGGED_MASK_NT, agg)
+    assert int(whole) == {"token-mean": 4, "seq-mean-token-sum-norm": 4}.get(agg, 2)
+    parts = sum(float(losses.aggregate(VALUES_NT[rows], RAGGED_MASK_NT[rows], agg, denominator=whole))
+                for rows in (slice(0, 1), slice(1, 3)))
+    assert parts == pytest.approx(AGG_EXPECTED[agg], abs=1e-6)
+    # Each part on its own denominator does not add up (token-mean: 6/3 + 5/1 = 7), except under the constant T.
+    alone = sum(float(losses.aggregate(VALUES_NT[rows], RAGGED_MASK_NT[rows], agg))
+                for rows in (slice(0, 1), slice(1, 3)))
+    assert (alone == pytest.approx(AGG_EXPECTED[agg], abs=1e-3)) == (agg == "seq-mean-token-sum-norm")
+
+
 def test_unknown_aggregation_is_named():
     with pytest.raises(ValueError, match="seq-sum"):
         losses.aggregate(VALUES_NT, RAGGED_MASK_NT, "seq-sum")
