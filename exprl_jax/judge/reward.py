@@ -88,7 +88,8 @@ class JudgeReward:
         self._in_flight: dict[str, asyncio.Task] = {}  # request id → its running judge call
 
     async def score(self, batch: RewardBatch) -> RewardResult:
-        """Judges every rollout (Outcome) or segment (Process) of the batch except Overlong ones, concurrently."""
+        """Judges every rollout (Outcome) or segment (Process) of the batch, concurrently; Overlong rollouts only
+        with `judge_overlong` (Process)."""
         if self.kind == "process" and batch.segments is None:
             raise ValueError("Process rewards need batch.segments (see exprl_jax.judge.segment.segment_batch)")
         if self.stats is not None:
