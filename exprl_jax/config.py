@@ -10,6 +10,7 @@ import types
 import typing
 from typing import Any
 
+from exprl_jax.advantages import VARIANTS
 from exprl_jax.train_state import OptimConfig
 
 METHODS = ("sft", "grpo", "exprl_outcome", "exprl_process", "self_distill", "stage2")
@@ -77,6 +78,12 @@ class LossSection:
     entropy_coef: float = -1.0  # entropy bonus; -1: 1e-4 for Stage II, else 0
     ppo_mini_batch_size: int = 0  # rollouts per update; 0 = the whole step batch (fully on-policy)
     scale_by_std: str = "auto"  # GRPO std normalisation: "true", "false" (Stage II / Dr.GRPO) or "auto"
+    grpo_variant: str = "paper"  # "authors": the authors' code's GRPO (unscored rows count as reward 0 in the
+    #                              group statistics; a group of one gets r / (1 + 1e-6)); WORKSPACE.md table
+
+    def __post_init__(self):
+        if self.grpo_variant not in VARIANTS:
+            raise ValueError(f"config.loss.grpo_variant={self.grpo_variant!r}; expected one of {VARIANTS}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,6 +92,12 @@ class ProcessSection:
     single_segment: str = "zero"  # T = 1 under DeltaNorm: "zero" (formula) or "score" (authors' code)
     context: str = "segment"  # judge sees the step alone ("segment") or the prefix up to it ("prefix")
     delimiter: str = "###"
+    variant: str = "paper"  # "authors": the authors' code's segment boundaries, EndNorm and GroupNorm, and the
+    #                         judge also scores Overlong rollouts (SPEC §4; WORKSPACE.md "Paper vs the authors' code")
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"config.process.variant={self.variant!r}; expected one of {VARIANTS}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -35,9 +35,10 @@ def _zero_where_invalid(x, valid_NT):
 
 
 class Denominators(NamedTuple):
-    """The normalisers of every aggregation, fixed for a whole mini-batch: with gradient accumulation each
-    micro-batch divides by the mini-batch's counts, so the sum over micro-batches is exactly the unsplit loss."""
-    tokens: jax.Array  # valid tokens in the mini-batch
+    """The counts every aggregation divides by, fixed for a whole mini-batch: with gradient accumulation each
+    micro-batch divides by the mini-batch's counts, so summing the micro-batches' losses and metrics gives exactly
+    the unsplit values (train_state.train_step)."""
+    tokens: jax.Array  # valid tokens
     seqs: jax.Array  # sequences with at least one valid token
 
     @classmethod
@@ -59,14 +60,19 @@ def _check_aggregation(agg):
 def aggregate(per_token_NT, mask_NT, agg: str = "token-mean", denominators: Denominators | None = None):
     """Reduces a per-token loss [N, T] to a scalar over the valid tokens of `mask_NT` (SPEC §5: token-mean).
 
+    The modes are verl's `loss_agg_mode`s, with verl's formulas:
     - "token-mean": sum over all valid tokens / their count; every token weighs the same, long answers weigh more.
     - "seq-mean-token-mean": mean over each sequence's valid tokens, then mean over sequences.
     - "seq-mean-token-sum": sum over each sequence's valid tokens, then mean over sequences.
-    - "seq-mean-token-sum-norm": each sequence's sum / T (the padded length, a constant), then mean over sequences.
-    The three "seq-mean" modes average over the sequences with at least one valid token: a rollout whose mask was
+    - "seq-mean-token-sum-norm" (Dr. GRPO): the sum over sequences of each sequence's token sum, divided by T (the
+      padded length, a constant), so the loss carries no length bias. Not a mean over sequences.
+    The two "seq-mean" modes average over the sequences with at least one valid token: a rollout whose mask was
     zeroed (an unscored rollout, SPEC §3) is dropped from the loss, not counted as a zero-loss sequence that would
-    shrink everyone else's weight. All counts are floored at 1, so an all-masked batch gives 0, never NaN.
-    `denominators` (default: this batch's own counts) replaces the token and sequence counts, for micro-batches.
+    shrink everyone else's weight. (verl counts it in seq-mean-token-sum and returns NaN in seq-mean-token-mean.)
+    All counts are floored at 1, so an all-masked batch gives 0, never NaN.
+
+    `denominators` (default: this batch's own counts) replaces the token and sequence counts: given a whole
+    mini-batch's, summing the aggregates of its parts gives the aggregate of the whole (micro-batches).
     """
     _check_aggregation(agg)
     per_token_NT = _float(per_token_NT)
@@ -78,13 +84,11 @@ def aggregate(per_token_NT, mask_NT, agg: str = "token-mean", denominators: Deno
     dtype = per_token_NT.dtype
     tokens_N = jnp.sum(valid_NT, axis=-1)
     sums_N = jnp.sum(_zero_where_invalid(per_token_NT, valid_NT), axis=-1)
+    if agg == "seq-mean-token-sum-norm":
+        return jnp.sum(sums_N) / per_token_NT.shape[-1]
     if agg == "seq-mean-token-mean":
-        per_seq_N = sums_N / jnp.maximum(tokens_N, 1).astype(dtype)
-    elif agg == "seq-mean-token-sum":
-        per_seq_N = sums_N
-    else:  # "seq-mean-token-sum-norm" (Dr. GRPO): a constant divisor, so the loss carries no length bias.
-        per_seq_N = sums_N / per_token_NT.shape[-1]
-    return _masked_mean(per_seq_N, tokens_N > 0, denominators.seqs)
+        sums_N = sums_N / jnp.maximum(tokens_N, 1).astype(dtype)
+    return jnp.sum(sums_N) / jnp.maximum(denominators.seqs, 1).astype(dtype)
 
 
 def kl_penalty(logprobs, ref_logprobs, kind: str = "k3"):
@@ -97,6 +101,8 @@ def kl_penalty(logprobs, ref_logprobs, kind: str = "k3"):
     - "k3" (alias "low_var_kl"): exp(r) − r − 1 with r clamped to ±20 and the value clamped to ±10;
       unbiased in value, never negative, low variance. The paper's choice.
     - "k3+": k3's value in the forward pass, k2's gradient (straight-through: k2 + stop_gradient(k3 − k2)).
+    The names and clamps are verl's `kl_loss_type`s ("k3+" is upstream verl's; the authors' fork predates it);
+    verl's aliases "kl" (k1), "mse" (k2) and its "abs" are not offered.
     """
     if kind not in KL_KINDS:
         raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_KINDS}")
@@ -125,9 +131,12 @@ def policy_loss(
     only bounds the side that helps), so dual-clip caps it at −A·dual_clip; `dual_clip=None` turns the cap off.
 
     Metrics are over valid tokens, whatever `agg` is; with `denominators` they are this micro-batch's share of the
-    mini-batch's value (sums over micro-batches; "ratio/max" takes their max). "clip/frac_*" count tokens whose loss comes from a clipped
+    mini-batch's value (summed over micro-batches; "ratio/max" takes their max). "clip/frac_*" count tokens whose loss comes from a clipped
     branch (gradient zero there). "kl/approx_old" is the k3 estimate of KL(π_old‖π_θ): the tokens were sampled
     from π_old, so k3 of r = logprobs − old_logprobs is unbiased for that direction and never negative.
+    verl's names: clip_low/clip_high/dual_clip are clip_ratio_low/clip_ratio_high/clip_ratio_c (verl cannot turn
+    the dual clip off); its pg_clipfrac is frac_low + frac_high, its pg_clipfrac_lower is frac_dual; its ppo_kl
+    metric is the k1 mean of old − new, not k3. `denominators`: see `aggregate`.
     """
     _check_aggregation(agg)  # before any work, so a typo fails at trace time with nothing computed
     if dual_clip is not None and dual_clip <= 1.0:

@@ -169,7 +169,7 @@ class StepRunner:
         if result.scores is not None:
             scores = np.where(result.valid, result.scores, np.nan)
             adv_N = adv_lib.grpo(scores, r.group_size, scale_by_std=cfg.loss.scale_by_std == "true",
-                                 valid=result.valid)
+                                 valid=result.valid, variant=cfg.loss.grpo_variant)
             adv_NR, valid = adv_N[:, None] * mask, result.valid
             metrics.update({"reward/mean": np.nanmean(scores) if valid.any() else np.nan,
                             "reward/std": np.nanstd(scores) if valid.any() else np.nan})
@@ -179,7 +179,9 @@ class StepRunner:
                 metrics.update(judge_verifier_agreement(scores, correct, valid))
         else:
             seg_adv = adv_lib.process(result.segment_scores, r.group_size, mode=cfg.process.mode,
-                                      single_segment=cfg.process.single_segment)
+                                      single_segment=cfg.process.single_segment, variant=cfg.process.variant,
+                                      spans=segments, padded_length=cfg.rollout.max_new_tokens,
+                                      overlong_last_scores=result.overlong_last_scores)
             adv_NR, valid = adv_lib.spread_batch(seg_adv, [s if a is not None else None for s, a in
                                                            zip(segments, seg_adv)], r.lengths, mask.shape[1])
             scored = [s for s in result.segment_scores if s is not None]
@@ -210,7 +212,8 @@ class StepRunner:
     def _segments(self, r: Rollouts):
         from exprl_jax.judge.segment import segment_batch
 
-        segments = segment_batch(r.tokens, r.lengths, self._decode, self.cfg.process.delimiter)
+        segments = segment_batch(r.tokens, r.lengths, self._decode, self.cfg.process.delimiter,
+                                 variant=self.cfg.process.variant)
         # a response with no text (EOS only) is still judged, as one empty step, rather than dropped
         return [s if s or not n else [Span("", 0, int(n))] for s, n in zip(segments, r.lengths)]
 

@@ -139,6 +139,91 @@ def test_process_errors():
         adv.process([[0.5]] * 3, 2)
 
 
+# ---------------------------------------------------------------- variant="authors" (the authors' code)
+
+
+def test_grpo_authors_group_of_one_keeps_the_reward():
+    # The code's group of one has mean 0 and std 1: A = (r − 0) / (1 + 1e-6); without std A = r. The paper's
+    # variant gives 0 (no baseline).
+    np.testing.assert_allclose(adv.grpo([0.5, 1.0], 1, variant="authors"), [0.5 / (1 + 1e-6), 1 / (1 + 1e-6)],
+                               rtol=1e-12)
+    np.testing.assert_array_equal(adv.grpo([0.5, 1.0], 1, scale_by_std=False, variant="authors"), [0.5, 1.0])
+    np.testing.assert_array_equal(adv.grpo([0.5, 1.0], 1), [0.0, 0.0])
+
+
+def test_grpo_authors_counts_unscored_rows_as_zero():
+    # Group [0, 1, unscored, 1]: the code's statistics see [0, 1, 0, 1]: mean 0.5, sample var 4·0.25/3 = 1/3,
+    # std 0.57735 → A = ±0.866024 (the unscored row is masked: 0 here). The paper's variant leaves the row out:
+    # [-1.154700, 0.577350, 0, 0.577350] (test_grpo_valid_mask_excludes_unscored_rows).
+    valid = np.array([True, True, False, True])
+    got = adv.grpo([0, 1, np.nan, 1], 4, valid=valid, variant="authors")
+    s = math.sqrt(1 / 3) + 1e-6
+    np.testing.assert_allclose(got, [-0.5 / s, 0.5 / s, 0.0, 0.5 / s], rtol=1e-12)
+    np.testing.assert_allclose(got[0], -0.866024, atol=1e-6)
+    # Without std: [0 − 0.5, 1 − 0.5, masked, 1 − 0.5].
+    np.testing.assert_allclose(adv.grpo([0, 1, np.nan, 1], 4, scale_by_std=False, valid=valid, variant="authors"),
+                               [-0.5, 0.5, 0.0, 0.5])
+
+
+def test_end_norm_authors_last_segment_one_segment_and_overlong():
+    # A_t = s_t − s_T for every t: [0.25 − 1, 0.5 − 1, 1 − 1] = [−0.75, −0.5, 0] (the paper's A_T is s_T = 1.0).
+    # T = 1: s_1 − s_1 = 0 (paper: +0.5). Overlong row (scores zeroed, the judge gave its last segment 0.75):
+    # 0 − 0.75 on every segment (paper: 0). Unscored stays None.
+    scores = [[0.25, 0.5, 1.0], [0.5], [0.0, 0.0], None]
+    got = adv.process(scores, 2, mode="end", variant="authors", overlong_last_scores=[np.nan, np.nan, 0.75, np.nan])
+    np.testing.assert_allclose(got[0], [-0.75, -0.5, 0.0])
+    np.testing.assert_array_equal(got[1], [0.0])
+    np.testing.assert_allclose(got[2], [-0.75, -0.75])
+    assert got[3] is None
+    paper = adv.process(scores, 2, mode="end")
+    np.testing.assert_allclose(paper[1], [0.5])
+    np.testing.assert_array_equal(paper[2], [0.0, 0.0])
+
+
+def test_group_norm_authors_token_weighted_over_padded_length():
+    # Group of 3, L = 10.
+    #   row 0: spans [0, 2), [2, 6), s = [0.5, 1.0]: token-weighted mean (2·0.5 + 4·1.0)/6 = 5/6; / L = 1/12.
+    #   row 1: unscored → counts as 0.   row 2: one span [0, 4), s = 0.25 → 0.25 / 10 = 0.025.
+    #   b = (1/12 + 0 + 0.025) / 3 = 0.036111. A_0 = [0.463889, 0.963889], A_2 = [0.213889].
+    # The paper's baseline is the mean of the scored rows' means, (0.75 + 0.25)/2 = 0.5: A_0 = [0, 0.5].
+    scores = [[0.5, 1.0], None, [0.25]]
+    spans = [[(0, 2), (2, 6)], None, [Span("x", 0, 4)]]
+    got = adv.process(scores, 3, mode="group", variant="authors", spans=spans, padded_length=10)
+    b = (1 / 12 + 0.025) / 3
+    np.testing.assert_allclose(got[0], [0.5 - b, 1.0 - b], rtol=1e-12)
+    np.testing.assert_allclose(got[0], [0.463889, 0.963889], atol=1e-6)
+    assert got[1] is None
+    np.testing.assert_allclose(got[2], [0.25 - b], rtol=1e-12)
+    np.testing.assert_allclose(adv.process(scores, 3, mode="group")[0], [0.0, 0.5])
+    # At the paper's L = 16,384 the baseline is ~1e-5: the advantage is in effect the raw score.
+    far = adv.process(scores, 3, mode="group", variant="authors", spans=spans, padded_length=16384)
+    np.testing.assert_allclose(far[0], [0.5, 1.0], atol=3e-5)
+
+
+def test_delta_norm_is_the_same_in_both_variants():
+    scores = [[0.25, 0.5, 1.0], [0.75]]
+    for rule in ("zero", "score"):
+        paper = adv.process(scores, 2, mode="delta", single_segment=rule)
+        authors = adv.process(scores, 2, mode="delta", single_segment=rule, variant="authors")
+        for p, a in zip(paper, authors):
+            np.testing.assert_array_equal(p, a)
+
+
+def test_authors_variant_errors():
+    with pytest.raises(ValueError, match="unknown variant 'verl'"):
+        adv.process([[0.5]], 1, variant="verl")
+    with pytest.raises(ValueError, match="unknown variant"):
+        adv.grpo([0.5], 1, variant="code")
+    with pytest.raises(ValueError, match="spans=.*padded_length="):
+        adv.process([[0.5]], 1, mode="group", variant="authors")
+    with pytest.raises(ValueError, match="rollout 0: 2 segment scores but 1 spans"):
+        adv.process([[0.5, 0.5]], 1, mode="group", variant="authors", spans=[[(0, 3)]], padded_length=4)
+    with pytest.raises(ValueError, match=r"rollout 0: span lengths \[3.0, 2.0\] do not fit in L=4"):
+        adv.process([[0.5, 0.5]], 1, mode="group", variant="authors", spans=[[(0, 3), (3, 5)]], padded_length=4)
+    with pytest.raises(ValueError, match="overlong_last_scores has shape"):
+        adv.process([[0.5]], 1, mode="end", variant="authors", overlong_last_scores=[0.1, 0.2])
+
+
 # ---------------------------------------------------------------- spreading to tokens
 
 

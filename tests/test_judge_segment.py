@@ -171,3 +171,112 @@ def test_segment_batch_respects_lengths(bytes_only):
     assert segment_metrics(segments) == {"segments/mean": 1.0, "segments/single_frac": 1 / 3}
     with pytest.raises(ValueError):
         segment_batch(token_ids_NT, lengths_N[:2], bytes_only.decode)
+
+
+# ---------------------------------------------------------------- variant="authors" (the authors' code's rule)
+# A small tokenizer with a hand-picked vocabulary, so every tokenisation below is exact. "<eos>" is a special
+# token: it decodes to "" as under skip_special_tokens=True.
+VOCAB = ["a", "b", "###", "#", "##", "###\n", "\n", " ", "<eos>", ".###", "x###y", "######"]
+
+
+def _ids(*pieces):
+    return [VOCAB.index(p) for p in pieces]
+
+
+def _vocab_decode(ids):
+    return "".join("" if VOCAB[i] == "<eos>" else VOCAB[i] for i in ids)
+
+
+def _cuts(spans):
+    return [(span.start, span.end, span.text) for span in spans]
+
+
+@pytest.mark.parametrize(
+    "pieces, paper, authors",
+    [
+        # `###` then `#`: the authors' window "a####" still ends with ### at token 2, an extra one-token segment.
+        # The paper's rule sees one occurrence (chars 1-3), completed by token 1; "#b" is the last segment.
+        (("a", "###", "#", "b"), [(0, 2, "a###"), (2, 4, "#b")],
+         [(0, 2, "a###"), (2, 3, "#"), (3, 4, "b")]),
+        # `######` in one-character tokens: the window ends with ### at tokens 2, 3, 4, 5: four segments.
+        # The paper's rule: two non-overlapping occurrences, completed by tokens 2 and 5.
+        (("#",) * 6, [(0, 3, "###"), (3, 6, "###")],
+         [(0, 3, "###"), (3, 4, "#"), (4, 5, "#"), (5, 6, "#")]),
+        # `######` as `###`, `##`, `#`: boundaries at every token, three segments (SPEC §4's "three").
+        (("###", "##", "#"), [(0, 1, "###"), (1, 3, "###")],
+         [(0, 1, "###"), (1, 2, "##"), (2, 3, "#")]),
+        # `######` as `##`, `##`, `##`: the window ends with ### after token 1 ("####") and token 2.
+        (("##", "##", "##"), [(0, 2, "####"), (2, 3, "##")], [(0, 2, "####"), (2, 3, "##")]),
+        # one `######` token: one boundary under both rules (one token completes both occurrences).
+        (("a", "######", "b"), [(0, 2, "a######"), (2, 3, "b")], [(0, 2, "a######"), (2, 3, "b")]),
+        # a single `###\n` token: its window ends with "\n", so the authors' rule finds no boundary at all.
+        (("a", "###\n", "b"), [(0, 2, "a###\n"), (2, 3, "b")], [(0, 3, "a###\nb")]),
+        # the delimiter inside a token ("x###y"): no window ends with ###; the paper's rule cuts after it.
+        (("a", "x###y", "b"), [(0, 2, "ax###y"), (2, 3, "b")], [(0, 3, "ax###yb")]),
+        # a whitespace tail: its own segment for the authors, joined to the last one by the paper's rule.
+        (("a", "###", "\n", " "), [(0, 4, "a###\n ")], [(0, 2, "a###"), (2, 4, "\n ")]),
+        # an EOS tail: decoded without specials the window "a###" still ends with ###, so EOS is a one-token
+        # segment "" (the code, decoding "<eos>" in its window, gets the same span as a remainder).
+        (("a", "###", "<eos>"), [(0, 3, "a###")], [(0, 2, "a###"), (2, 3, "")]),
+        # `###` split across tokens, and merged with the text before it: both rules agree.
+        (("a", "##", "#", "b"), [(0, 3, "a###"), (3, 4, "b")], [(0, 3, "a###"), (3, 4, "b")]),
+        (("a", ".###", "b", "###"), [(0, 2, "a.###"), (2, 4, "b###")], [(0, 2, "a.###"), (2, 4, "b###")]),
+        # no delimiter: one segment under both.
+        (("a", "b"), [(0, 2, "ab")], [(0, 2, "ab")]),
+    ],
+)
+def test_authors_and_paper_boundaries_on_exact_tokenisations(pieces, paper, authors):
+    ids = _ids(*pieces)
+    assert _cuts(segment_response(ids, _vocab_decode)) == paper
+    assert _cuts(segment_response(ids, _vocab_decode, variant="authors")) == authors
+
+
+def test_authors_rule_matches_character_oracle_on_random_strings():
+    # One token per character: the last-10-tokens window ends with ### exactly when the text up to that token
+    # does, so boundaries are {i : text[:i+1].endswith("###")} and every non-empty rest is the last segment.
+    rng = random.Random(0)
+    for _ in range(200):
+        text = "".join(rng.choice("#ab \n") for _ in range(rng.randint(1, 30)))
+        ids = [ord(c) for c in text]
+        cuts = [i + 1 for i in range(len(text)) if text[:i + 1].endswith("###")]
+        if not cuts or cuts[-1] < len(text):
+            cuts.append(len(text))
+        spans = segment_response(ids, lambda t: "".join(map(chr, t)), variant="authors")
+        assert [s.end for s in spans] == cuts
+        assert "".join(s.text for s in spans) == text
+
+
+def test_authors_window_is_ten_tokens(bytes_only):
+    # The delimiter must end the decoded last 10 tokens; a long token-by-token prefix does not matter.
+    ids = bytes_only.encode("x" * 25 + "###" + "y" * 12 + "###").ids
+    spans = segment_response(ids, bytes_only.decode, variant="authors")
+    assert [(s.start, s.end) for s in spans] == [(0, 28), (28, 43)]
+
+
+@pytest.mark.parametrize("text", [t for t in SAMPLES if "######" not in t])  # `######`: exact cases above
+def test_authors_rule_on_merged_bpe(merged, text):
+    """On the trained tokenizer the authors' boundaries are the paper's boundaries whose token ends the text at
+    `###` (`.###`, `###`); those merged with what follows (`###\n`, `.### `) are missed; a rest is a segment."""
+    ids = merged.encode(text).ids
+    paper = segment_response(ids, merged.decode)
+    authors = segment_response(ids, merged.decode, variant="authors")
+    kept = {s.end for s in paper if merged.decode(ids[:s.end]).endswith("###")}
+    assert [s.end for s in authors] == sorted(kept | {len(ids)})
+    assert [s.text for s in authors] == [merged.decode(ids[s.start:s.end]) for s in authors]
+
+
+def test_merged_bpe_sample_loses_every_boundary_under_the_authors_rule(merged):
+    # SAMPLES[0] ends each step with `.###\n`, which this tokenizer merges: the authors' rule sees one segment.
+    ids = merged.encode(SAMPLES[0]).ids
+    assert len(segment_response(ids, merged.decode)) == 3
+    assert _cuts(segment_response(ids, merged.decode, variant="authors")) == [(0, len(ids), SAMPLES[0])]
+
+
+def test_segment_batch_passes_the_variant(bytes_only):
+    ids = bytes_only.encode("a####").ids
+    rows = np.array([ids + [0, 0]])
+    assert len(segment_batch(rows, [len(ids)], bytes_only.decode)[0]) == 2  # "a###", "#"
+    assert len(segment_batch(rows, [len(ids)], bytes_only.decode, variant="authors")[0]) == 2
+    assert [s.end for s in segment_batch(rows, [len(ids)], bytes_only.decode, variant="authors")[0]] == [4, 5]
+    with pytest.raises(ValueError, match="variant"):
+        segment_response(ids, bytes_only.decode, variant="verl")

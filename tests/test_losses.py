@@ -154,8 +154,9 @@ AGG_EXPECTED = {
     "seq-mean-token-mean": 3.5,
     # (6 + 5) / 2 = 5.5. Counting the empty row: 11/3 = 3.667.
     "seq-mean-token-sum": 5.5,
-    # (6/4 + 5/4) / 2 = 1.375, T = 4 for every row. Dividing by each row's own length gives 3.5 instead.
-    "seq-mean-token-sum-norm": 1.375,
+    # verl's formula: (6 + 5) / T = 11 / 4 = 2.75, a sum over rows (not a mean): the mean over the 2 rows would
+    # give 1.375, over all 3 rows 0.9167; dividing by each row's own length gives 3.5 instead.
+    "seq-mean-token-sum-norm": 2.75,
 }
 
 
@@ -170,6 +171,32 @@ def test_policy_loss_uses_aggregation(agg):
     old = jnp.zeros_like(VALUES_NT)
     loss, _ = policy_loss(old, old, -VALUES_NT, RAGGED_MASK_NT, agg=agg)
     assert float(loss) == pytest.approx(AGG_EXPECTED[agg], abs=1e-5)
+
+
+def test_seq_mean_token_sum_norm_is_verls_sum_over_rows():
+    # Row 0: 1 + 2 over 2 tokens; row 1: 3 over 1 token; T = 6. verl: (3 + 3) / 6 = 1.0. The distractors all
+    # differ: token-mean 6/3 = 2.0, seq-mean-token-sum 3.0, seq-mean-token-mean (1.5 + 3)/2 = 2.25, and the
+    # mean over rows of sum / T (a factor N = 2 off) 0.5.
+    values = np.array([[1.0, 2.0, 9.0, 9.0, 9.0, 9.0], [3.0, 9.0, 9.0, 9.0, 9.0, 9.0]], np.float32)
+    mask = np.array([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], np.float32)
+    got = {agg: float(aggregate(values, mask, agg)) for agg in losses.AGGREGATIONS}
+    assert got == pytest.approx({"token-mean": 2.0, "seq-mean-token-sum": 3.0, "seq-mean-token-mean": 2.25,
+                                 "seq-mean-token-sum-norm": 1.0}, abs=1e-6)
+
+
+@pytest.mark.parametrize("agg", list(AGG_EXPECTED))
+def test_denominator_of_the_whole_batch_makes_parts_add_up(agg):
+    # Gradient accumulation: aggregating rows {0} and {1, 2} separately with the whole batch's denominator and
+    # adding gives the whole batch's aggregate (AGG_EXPECTED): e.g. token-mean 6/4 + 5/4 = 2.75.
+    whole = losses.Denominators.of(RAGGED_MASK_NT)
+    assert (float(whole.tokens), float(whole.seqs)) == (4.0, 2.0)
+    parts = sum(float(losses.aggregate(VALUES_NT[rows], RAGGED_MASK_NT[rows], agg, whole))
+                for rows in (slice(0, 1), slice(1, 3)))
+    assert parts == pytest.approx(AGG_EXPECTED[agg], abs=1e-6)
+    # Each part on its own denominator does not add up (token-mean: 6/3 + 5/1 = 7), except under the constant T.
+    alone = sum(float(losses.aggregate(VALUES_NT[rows], RAGGED_MASK_NT[rows], agg))
+                for rows in (slice(0, 1), slice(1, 3)))
+    assert (alone == pytest.approx(AGG_EXPECTED[agg], abs=1e-3)) == (agg == "seq-mean-token-sum-norm")
 
 
 def test_unknown_aggregation_is_named():

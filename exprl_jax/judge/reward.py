@@ -69,7 +69,8 @@ class JudgeReward:
 
     def __init__(self, backend: ChatBackend, *, mode: str = "outcome", process_context: str = "segment",
                  template_set: str | Mapping[str, str | Template] = "math", cache=None, stats=None,
-                 rubrics: Mapping[str, Sequence[str]] | None = None, use_reference: bool = True):
+                 rubrics: Mapping[str, Sequence[str]] | None = None, use_reference: bool = True,
+                 judge_overlong: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if process_context not in PROCESS_CONTEXTS:
@@ -80,11 +81,15 @@ class JudgeReward:
                              "reference, so no-reference templates cannot use one)")
         self.backend, self.kind, self.process_context = backend, mode, process_context
         self.cache, self.stats, self.use_reference = cache, stats, use_reference
+        # the authors' code judges Overlong Process rollouts too: a failed segment leaves the rollout unscored,
+        # and its last segment's score reaches EndNorm (`RewardResult.overlong_last_scores`)
+        self.judge_overlong = judge_overlong and mode == "process"
         self.rubrics = {problem: format_rubric(list(items)) for problem, items in (rubrics or {}).items()}
         self._in_flight: dict[str, asyncio.Task] = {}  # request id → its running judge call
 
     async def score(self, batch: RewardBatch) -> RewardResult:
-        """Judges every rollout (Outcome) or segment (Process) of the batch except Overlong ones, concurrently."""
+        """Judges every rollout (Outcome) or segment (Process) of the batch, concurrently; Overlong rollouts only
+        with `judge_overlong` (Process)."""
         if self.kind == "process" and batch.segments is None:
             raise ValueError("Process rewards need batch.segments (see exprl_jax.judge.segment.segment_batch)")
         if self.stats is not None:
@@ -93,7 +98,7 @@ class JudgeReward:
         requests: dict[str, dict[str, str]] = {}  # request id → its fields; identical requests are judged once
         row_requests: list[list[str]] = [[] for _ in range(n)]  # [N][1 or S_i] request ids
         for i in range(n):
-            if batch.truncated[i]:
+            if batch.truncated[i] and not self.judge_overlong:
                 continue  # SPEC §4 Overlong: reward 0 without a judge call
             for trace in self._traces(batch, i):
                 fields = self._request_fields(batch.problems[i], batch.references[i], trace)
@@ -104,7 +109,12 @@ class JudgeReward:
         verdicts = await asyncio.gather(*(self._judge(rid, fields, counter) for rid, fields in requests.items()))
         verdict_of = dict(zip(requests, verdicts))
         assemble = self._outcome_result if self.kind == "outcome" else self._process_result
-        result, row_rewards = assemble(batch, [[verdict_of[rid] for rid in ids] for ids in row_requests])
+        row_verdicts = [[verdict_of[rid] for rid in ids] for ids in row_requests]
+        result, row_rewards = assemble(batch, row_verdicts)
+        if self.judge_overlong:
+            result.overlong_last_scores = np.array([
+                score_to_reward(v[-1].score) if batch.truncated[i] and result.valid[i] and v else np.nan
+                for i, v in enumerate(row_verdicts)])
         result.metrics = self._metrics(counter, row_rewards, result.valid)
         return result
 
@@ -132,7 +142,7 @@ class JudgeReward:
         reasons: list[str | None] = [None] * n
         for i, verdicts in enumerate(row_verdicts):
             failed = [v.reason for v in verdicts if v.score is None]
-            if batch.truncated[i]:
+            if batch.truncated[i] and not failed:  # (judged only with judge_overlong)
                 segment_scores[i] = np.zeros(len(batch.segments[i]))  # SPEC §4 Overlong: all-zero
             elif not verdicts:
                 reasons[i] = "no_segments"  # an empty response: nothing to judge or to credit

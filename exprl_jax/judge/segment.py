@@ -1,7 +1,9 @@
 """Splitting a response into ExpRL-Process segments at a delimiter (SPEC §4), as exact token spans.
 
 A boundary is the token at which the decoded response first contains the next occurrence of the delimiter (the
-token completing `###`, even when that token also carries neighbouring text such as `.###` or `###\n`).
+token completing `###`, even when that token also carries neighbouring text such as `.###` or `###\n`); the
+authors' code's rule (a boundary wherever the last 10 tokens decode to text ending in the delimiter) is
+`variant="authors"`.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from exprl_jax.rewards.base import Span
 # token ids → text, e.g. `lambda ids: tokenizer.decode(ids, skip_special_tokens=True)`
 Decode = Callable[[list[int]], str]
 REPLACEMENT_CHAR = "\ufffd"  # what byte-level decoders emit for an incomplete UTF-8 sequence
+VARIANTS = ("paper", "authors")
+AUTHORS_LOOKBACK = 10  # tokens the authors' code decodes to look for the delimiter
 
 
 def decoded_char_ends(token_ids: Sequence[int], decode: Decode) -> tuple[str, list[int]]:
@@ -62,7 +66,8 @@ def _prefix_char_ends(ids: list[int], decode: Decode, full_text: str) -> list[in
     return ends
 
 
-def segment_response(token_ids: Sequence[int], decode: Decode, delimiter: str = "###") -> list[Span]:
+def segment_response(token_ids: Sequence[int], decode: Decode, delimiter: str = "###", *,
+                     variant: str = "paper") -> list[Span]:
     """Splits one response (its tokens only: no prompt, no padding) into segments (SPEC §4).
 
     Each segment ends at a boundary token, the token whose decoded text completes an occurrence of `delimiter`
@@ -71,11 +76,21 @@ def segment_response(token_ids: Sequence[int], decode: Decode, delimiter: str = 
     joins the segment before it rather than forming a content-free step for the judge to score. Spans are
     half-open token ranges covering [0, len) with no gaps; `Span.text` is the matching slice of the decoded
     response, so the texts concatenate to decode(token_ids). An empty response has no segments.
+
+    variant="authors" is the authors' code: a boundary at every token i whose window of the last 10 tokens,
+    decode(ids[i−9 : i+1]), ends with `delimiter`; the rest after the last boundary, if any, is the last segment
+    whatever it holds. So `###` then `#` gives an extra one-token segment, a single `###\n` token gives no
+    boundary, and a whitespace or EOS-only tail is a segment of its own. `Span.text` is then decode(span tokens),
+    what the code sends to the judge.
     """
     if not delimiter:
         raise ValueError("the segment delimiter must be non-empty")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown segmentation variant {variant!r}; expected one of {VARIANTS}")
     if len(token_ids) == 0:
         return []
+    if variant == "authors":
+        return _authors_segments([int(t) for t in token_ids], decode, delimiter)
     text, ends = decoded_char_ends(token_ids, decode)
     cuts: list[int] = []  # exclusive token end of each segment
     found = text.find(delimiter)
@@ -102,12 +117,21 @@ def segment_response(token_ids: Sequence[int], decode: Decode, delimiter: str = 
     return spans
 
 
+def _authors_segments(ids: list[int], decode: Decode, delimiter: str) -> list[Span]:
+    cuts = [i + 1 for i in range(len(ids))
+            if decode(ids[max(0, i + 1 - AUTHORS_LOOKBACK):i + 1]).endswith(delimiter)]
+    if not cuts or cuts[-1] < len(ids):
+        cuts.append(len(ids))
+    starts = [0] + cuts[:-1]
+    return [Span(text=decode(ids[start:end]), start=start, end=end) for start, end in zip(starts, cuts)]
+
+
 def segment_batch(token_ids_NT: Sequence[Sequence[int]] | np.ndarray, lengths_N: Sequence[int] | np.ndarray,
-                  decode: Decode, delimiter: str = "###") -> list[list[Span]]:
+                  decode: Decode, delimiter: str = "###", *, variant: str = "paper") -> list[list[Span]]:
     """segment_response for each of N right-padded responses; row i's response is token_ids_NT[i][:lengths_N[i]]."""
     if len(token_ids_NT) != len(lengths_N):
         raise ValueError(f"{len(token_ids_NT)} responses but {len(lengths_N)} lengths")
-    return [segment_response(list(row[:int(length)]), decode, delimiter)
+    return [segment_response(list(row[:int(length)]), decode, delimiter, variant=variant)
             for row, length in zip(token_ids_NT, lengths_N)]
 
 

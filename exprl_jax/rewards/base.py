@@ -60,6 +60,9 @@ class RewardResult:
     segment_scores: list[np.ndarray | None] | None = None  # [N] of [S_i] float, None where unscored
     reasons: list[str | None] = dataclasses.field(default_factory=list)  # [N] why a row is unscored
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    # [N] Process, judge_overlong only: the judge's reward for an Overlong rollout's last segment (its segment
+    # scores stay all-zero); NaN elsewhere. The authors' EndNorm subtracts it (advantages.process).
+    overlong_last_scores: np.ndarray | None = None
 
     def __post_init__(self):
         if (self.scores is None) == (self.segment_scores is None):

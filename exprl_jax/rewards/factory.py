@@ -52,5 +52,5 @@ def make_reward_fn(cfg, workdir: str, records=()):
             make_judge_backend(j, records), mode="outcome" if kind == "judge_outcome" else "process",
             process_context=cfg.process.context,
             cache=JudgeCache(os.path.join(workdir, "judge_cache")) if j.cache else None, stats=JudgeStats(),
-            rubrics=rubrics, use_reference=j.use_reference)
+            rubrics=rubrics, use_reference=j.use_reference, judge_overlong=cfg.process.variant == "authors")
     raise ValueError(f"method {cfg.method!r} has no reward function")
