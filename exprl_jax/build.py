@@ -3,6 +3,7 @@ records, and small run-level utilities (parameter digest, asset paths, the XLA c
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import jax
@@ -36,29 +37,53 @@ def resolve_path(path: str) -> str:
     return candidate if os.path.exists(candidate) else path
 
 
+PRESETS = {"tiny": ModelConfig.tiny, "qwen3_0_6b": ModelConfig.qwen3_0_6b, "qwen3_1_7b": ModelConfig.qwen3_1_7b,
+           "qwen3_4b": ModelConfig.qwen3_4b, "qwen3_8b": ModelConfig.qwen3_8b}
+
+
+def model_source(cfg: config_lib.ExperimentConfig) -> str:
+    """The HF directory a run starts from ("" = a preset): init_checkpoint's final_hf, else hf_path."""
+    m = cfg.model
+    return m.init_checkpoint and os.path.join(resolve_path(m.init_checkpoint), "final_hf") or resolve_path(m.hf_path)
+
+
+def model_config(cfg: config_lib.ExperimentConfig, tokenizer=None) -> ModelConfig:
+    """The ModelConfig a run uses, without any weights: from the checkpoint's config.json, or the preset (with the
+    tokenizer's special ids when given). The model section's dtypes and memory layout apply either way."""
+    m = cfg.model
+    fields = {k: getattr(m, k) for k in ("param_dtype", "dtype", "attention_impl", "scan_layers", "remat",
+                                         "logits_chunk")}
+    source = model_source(cfg)
+    if source:
+        with open(os.path.join(source, "config.json")) as f:
+            return ModelConfig.from_hf_config(json.load(f), **fields)
+    if m.preset not in PRESETS:
+        raise ValueError(f"config.model.preset={m.preset!r}; expected one of {tuple(PRESETS)}")
+    fields.update({k: getattr(m, k) for k in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                              "mlp_dim") if getattr(m, k) > 0})
+    if tokenizer is not None:
+        fields.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer),
+                      bos_token_id=tokenizer.bos_token_id)
+    return PRESETS[m.preset](**fields)
+
+
 def build_model(cfg: config_lib.ExperimentConfig, mesh=None):
     """(model config, loaded params or None, tokenizer). Precedence: init_checkpoint > hf_path (loaded tensor by
-    tensor onto `mesh`) > a preset, whose params `init_train_state` then initialises directly on the mesh."""
-    m = cfg.model
-    layout = {k: getattr(m, k) for k in ("scan_layers", "remat", "logits_chunk")}
-    source = m.init_checkpoint and os.path.join(resolve_path(m.init_checkpoint), "final_hf") or resolve_path(m.hf_path)
+    tensor onto `mesh`) > a preset, whose params `init_train_state` then initialises directly on the mesh.
+    Masters and optimizer state take model.param_dtype, whatever dtype the checkpoint was saved in."""
+    source = model_source(cfg)
     if source:
         from exprl_jax.models.hf import load_hf
 
-        # masters and optimizer state in model.param_dtype, whatever dtype the checkpoint was saved in
-        model_cfg, params = load_hf(source, param_dtype=m.param_dtype, dtype=m.dtype, mesh=mesh, **layout)
-        tokenizer = load_tokenizer(source if os.path.isfile(os.path.join(source, "tokenizer.json")) else m.tokenizer)
+        config = model_config(cfg)
+        overrides = {k: getattr(config, k) for k in ("param_dtype", "dtype", "attention_impl", "scan_layers",
+                                                     "remat", "logits_chunk")}
+        model_cfg, params = load_hf(source, mesh=mesh, **overrides)
+        tokenizer = load_tokenizer(source if os.path.isfile(os.path.join(source, "tokenizer.json"))
+                                   else cfg.model.tokenizer)
         return model_cfg, params, tokenizer
-    tokenizer = load_tokenizer(m.tokenizer)
-    presets = {"tiny": ModelConfig.tiny, "qwen3_0_6b": ModelConfig.qwen3_0_6b, "qwen3_1_7b": ModelConfig.qwen3_1_7b,
-               "qwen3_4b": ModelConfig.qwen3_4b, "qwen3_8b": ModelConfig.qwen3_8b}
-    if m.preset not in presets:
-        raise ValueError(f"config.model.preset={m.preset!r}; expected one of {tuple(presets)}")
-    overrides = {k: getattr(m, k) for k in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                                            "mlp_dim") if getattr(m, k) > 0}
-    model_cfg = presets[m.preset](dtype=m.dtype, param_dtype=m.param_dtype, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=pad_id(tokenizer), bos_token_id=tokenizer.bos_token_id, **overrides,
-                                  **layout)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    model_cfg = model_config(cfg, tokenizer)
     if model_cfg.vocab_size < len(tokenizer):
         raise ValueError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(tokenizer)}")
     return model_cfg, None, tokenizer  # None: init_train_state creates the params already sharded

@@ -59,6 +59,7 @@ class RolloutSection:
     prompts_per_step: int = 8  # B
     group_size: int = 4  # G: samples per prompt (N = B·G rollouts per step)
     max_new_tokens: int = 32
+    max_prompt_tokens: int = 0  # > 0: a longer policy prompt is an error naming the record; `plan` budgets for it
     temperature: float = 0.8  # SPEC §5
     top_p: float = 1.0
     top_k: int = 0

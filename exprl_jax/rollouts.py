@@ -53,12 +53,16 @@ def prompt_text(tokenizer, record: QARecord, template: str, chat: bool = False) 
                                          add_generation_prompt=True)
 
 
-def encode_prompts(tokenizer, records: Sequence[QARecord], template: str, chat: bool = False) -> list[list[int]]:
+def encode_prompts(tokenizer, records: Sequence[QARecord], template: str, chat: bool = False,
+                   max_tokens: int = 0) -> list[list[int]]:
     prompts = [tokenizer.encode(prompt_text(tokenizer, r, template, chat), add_special_tokens=False)
                for r in records]
     for r, p in zip(records, prompts):
         if not p:
             raise ValueError(f"record {r.id}: the prompt encodes to zero tokens")
+        if 0 < max_tokens < len(p):
+            raise ValueError(f"record {r.id}: the prompt is {len(p)} tokens, over rollout.max_prompt_tokens="
+                             f"{max_tokens}")
     return prompts
 
 
@@ -75,7 +79,7 @@ def decode_responses(tokenizer, tokens: np.ndarray, lengths: np.ndarray, eos: Se
 def sample_rollouts(model_cfg: ModelConfig, params, tokenizer, records: Sequence[QARecord], rng, *, rollout_cfg,
                     template: str, eos: Sequence[int], pad: int, mesh=None, chat: bool = False) -> Rollouts:
     """`rollout_cfg.group_size` samples of each record's prompt at `rollout_cfg.temperature` (a RolloutSection)."""
-    prompts = encode_prompts(tokenizer, records, template, chat)
+    prompts = encode_prompts(tokenizer, records, template, chat, rollout_cfg.max_prompt_tokens)
     G = rollout_cfg.group_size
     out = generate(model_cfg, params, prompts, rng, max_new_tokens=rollout_cfg.max_new_tokens,
                    num_samples=G, temperature=rollout_cfg.temperature,

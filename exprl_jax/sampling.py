@@ -30,7 +30,11 @@ class SampleOutput:
         return SampleOutput(*(np.asarray(jax.device_get(x)) for x in dataclasses.astuple(self)))
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+PROMPT_MULTIPLE = 16  # prompt widths are rounded up to this (fewer recompiles)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
+                multiple: int = PROMPT_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads token lists to a common length rounded up to `multiple` (fewer recompiles).
     Returns tokens [B, P] int32 and mask [B, P] int32."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -122,7 +126,8 @@ def _generate_traced(params, prompt_NP, prompt_mask_NP, rng, config, max_new_tok
 
 def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], rng: jax.Array, *, max_new_tokens: int,
              num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             eos_ids: Sequence[int] = (), pad_id: int = 0, mesh=None, prompt_multiple: int = 16) -> SampleOutput:
+             eos_ids: Sequence[int] = (), pad_id: int = 0, mesh=None,
+             prompt_multiple: int = PROMPT_MULTIPLE) -> SampleOutput:
     """Samples `num_samples` continuations of each prompt (token-id lists of any lengths). Rows are prompt-major.
     With a mesh, rows are split over data×fsdp (any count: padded rows are dropped) and params keep their
     shardings."""
