@@ -279,6 +279,8 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_slots, kv_valid_BS, *, q_start: in
     T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
     S = q_start + T
     dt = q_BTNH.dtype
+    if implementation == "cudnn" and _platform() != "gpu":
+        raise ValueError(f"attention_impl='cudnn' needs a GPU; this program is compiled for {_platform()}")
     if implementation == "cudnn" and jnp.dtype(dt) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"attention_impl='cudnn' needs ModelConfig.dtype bfloat16 or float16, got {jnp.dtype(dt)}; "
                          "use 'chunked' or 'auto' for float32")
