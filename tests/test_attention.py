@@ -84,7 +84,7 @@ def _grads(fn, q, k, v, slots, valid, rows_only=True):
     weights = np.random.default_rng(1).normal(size=q.shape).astype(np.float32)
     if rows_only:  # a loss on the defined rows only, as the trainer's masked losses are
         weights *= _query_has_key(slots, valid)[:, :, None, None]
-    loss = lambda q, k, v: jnp.sum(fn(q, k, v, slots, valid) * weights)  # noqa: E731
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v, slots, valid) * weights)
     return [np.asarray(g) for g in jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)]
 
 
@@ -195,7 +195,7 @@ def test_splash_compiles_for_a_tpu_v5e_8_without_a_tpu(monkeypatch):
 
     def grads(q, k, v, valid):
         with shd.use_mesh(mesh):
-            loss = lambda q, k, v: attn.attend(q, k, v, jnp.arange(T), valid, impl="auto",  # noqa: E731
+            loss = lambda q, k, v: attn.attend(q, k, v, jnp.arange(T), valid, impl="auto",
                                                q_start=0).astype(jnp.float32).sum()
             return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
@@ -219,7 +219,7 @@ def test_chunked_forward_backward_temporaries_stay_far_below_the_score_matrix():
     scores_bytes = T * T * N * 4  # one fp32 [T, T] score matrix per head: 512 MiB
 
     def temp_bytes(fn):
-        loss = lambda q, k, v: jnp.sum(fn(q, k, v, jnp.arange(T), jnp.ones((B, T), jnp.int32)))  # noqa: E731
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v, jnp.arange(T), jnp.ones((B, T), jnp.int32)))
         shapes = [jax.ShapeDtypeStruct((B, T, n, Hd), jnp.float32) for n in (N, K, K)]
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
 

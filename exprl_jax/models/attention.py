@@ -7,7 +7,6 @@ jnp with a custom VJP: no [T, S] buffer forward or backward, any backend, cost f
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +162,7 @@ def _flash_fwd(q, k, v, q_slots, kv_valid, bq, bk):
 
 def _flash_bwd(bq, bk, res, dout):
     q, k, v, q_slots, kv_valid, out, lse = res
-    B, Tp, K, G, H = q.shape
+    B, Tp, K, _, H = q.shape
     S, nq = k.shape[1], Tp // bq
     nk = -(-S // bk)
     dt = q.dtype
@@ -194,7 +193,7 @@ def _flash_bwd(bq, bk, res, dout):
         first = jnp.argmax(block_last_slot >= j * bk)  # query blocks wholly before this key block see none of it
         zeros = jnp.zeros((B, bk, K, H), jnp.float32)
         dq, dk_blk, dv_blk = jax.lax.fori_loop(first, nq, q_step, (dq, zeros, zeros))
-        add = lambda acc, blk: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        add = lambda acc, blk: jax.lax.dynamic_update_slice_in_dim(
             acc, jax.lax.dynamic_slice_in_dim(acc, start, bk, 1) + blk, start, 1)
         return dq, add(dk, dk_blk), add(dv, dv_blk)
 
@@ -215,8 +214,7 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, kv_valid_BS, *, q_start: int, block
     other invalid keys sit in segment 0, queries in segment 1, with a causal mask offset by q_start. Runs under
     shard_map on the active mesh (batch over data×fsdp, heads over tensor, as sharding.LOGICAL_RULES say); in
     Pallas interpret mode when compiling for CPU."""
-    B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
+    T, N, K = q_BTNH.shape[1], q_BTNH.shape[2], k_BSKH.shape[2]
     S = q_start + T
     if S > k_BSKH.shape[1]:
         raise ValueError(f"q_start={q_start} + T={T} exceeds the {k_BSKH.shape[1]} key slots")
