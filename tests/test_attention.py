@@ -208,7 +208,13 @@ def test_splash_compiles_for_a_tpu_v5e_8_without_a_tpu(monkeypatch):
                                    spec((B, T, K, Hd), jnp.bfloat16, batch, None, None, None),
                                    spec((B, T), jnp.int32, batch, None))
     assert "tpu_custom_call" in lowered.as_text()  # the Mosaic kernel, not an XLA fallback
-    compiled = lowered.compile()
+    # A deviceless executable cannot be read back from the persistent cache (no client): don't write one there.
+    min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+    try:
+        compiled = lowered.compile()
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
     assert compiled.memory_analysis().argument_size_in_bytes > 0
     assert jax.devices()[0].platform == "cpu" and jax.device_count() == 8  # the suite still runs on CPU
 

@@ -110,11 +110,13 @@ ATTENTION_IMPLS = ("xla", "chunked", "splash", "cudnn_xla")
 @pytest.fixture
 def attention_impl(request, monkeypatch):
     if request.param != "cudnn_xla":
-        return request.param
+        yield request.param
+        return
     monkeypatch.setattr(attention, "cudnn_attention",
                         functools.partial(attention.cudnn_attention, implementation="xla"))
-    _jitted_forward.cache_clear()  # a trace made before the patch must not be reused
-    return "cudnn"
+    _jitted_forward.cache_clear()  # traces are cached per config: none may cross the patch
+    yield "cudnn"
+    _jitted_forward.cache_clear()
 
 
 @pytest.mark.parametrize("attention_impl", ATTENTION_IMPLS, indirect=True)
