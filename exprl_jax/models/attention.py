@@ -18,10 +18,15 @@ ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows (left padding) stay NaN-free
 _LANES = 128  # splash needs its query and key blocks in multiples of the TPU lane width
 
-# CPU crossover of "auto" (benchmarks/attention.py, forward+backward, fp32, B=2, N=8, K=2, H=64, 2 cores):
-#   T      xla ms   chunked ms   chunked/xla
-#   (filled in from the measured table)
-_CPU_CHUNKED_MIN_TS = 1024 * 1024  # T·S from which chunked is used on CPU
+# CPU rule of "auto", from `python benchmarks/attention.py` (fp32, B=2, N=8, K=2, H=64, blocks of 512, 2 shared
+# cores; median of 7, the two implementations interleaved):
+#   T = S              128    256    512    1024    2048
+#   train xla ms       5.3     41    339    1927    9418     (forward + backward)
+#   train chunked ms   5.6     58    365    1129    4422
+#   chunked / xla     1.05   1.42   1.08    0.59    0.47     (three other runs: 0.8-1.5 up to 512, 0.4-0.6 above)
+#   decode, S slots   0.82   1.01   0.79    1.09    0.60     (chunked / xla, one query at slot S/2)
+# so chunked from T·S = 1024² on (it also keeps the memory O(T)), xla below.
+_CPU_CHUNKED_MIN_TS = 1024 * 1024
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, q_slots, kv_valid_BS, *, impl: str, block_q: int = 512, block_kv: int = 512,
