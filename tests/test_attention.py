@@ -182,6 +182,23 @@ def test_splash_under_shard_map_equals_xla(mesh_shape, N, K):
             np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
 
 
+def test_decoder_with_splash_on_a_mesh_equals_xla():
+    """The whole decoder on the 8-device mesh, 8 query heads over tensor=8 and 4 replicated KV heads."""
+    mesh = shd.make_mesh((1, 1, 8))
+    params = random_params(ModelConfig.tiny(), seed=5)
+    tokens = np.random.default_rng(5).integers(1, 256, (2, 10)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[1, :4] = 0
+
+    def logits(impl):
+        with shd.use_mesh(mesh):
+            run = jax.jit(functools.partial(forward, ModelConfig.tiny(attention_impl=impl)))
+            return np.asarray(run(params, tokens, attention_mask=mask))
+
+    real = mask.astype(bool)
+    np.testing.assert_allclose(logits("splash")[real], logits("xla")[real], atol=1e-5, rtol=0)
+
+
 def test_splash_compiles_for_a_tpu_v5e_8_without_a_tpu(monkeypatch):
     """Deviceless AOT compile through libtpu: "auto" picks splash for a TPU mesh, and the Mosaic kernel lowers
     under shard_map (forward + backward, bf16, heads over tensor, T not a multiple of the block)."""
