@@ -3,6 +3,7 @@
 Implementations: "xla" (materialised [T, S] scores, the reference), "chunked" (blockwise flash attention in plain
 jnp with a custom VJP: no [T, S] buffer forward or backward, any backend, cost follows the filled cache length),
 "splash" (the Pallas TPU kernel under shard_map), "cudnn" (`jax.nn.dot_product_attention` on GPU), "auto".
+Splash and cudnn need the first query slot at trace time; decode steps (a traced cache index) use chunked.
 """
 from __future__ import annotations
 
@@ -278,7 +279,8 @@ def _splash_local(q_BTNH, k_BSKH, v_BSKH, kv_valid_BS, *, head_axes, q_start, gr
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_slots, kv_valid_BS, *, q_start: int, implementation="cudnn"):
     """cuDNN flash attention for queries at slots q_start + arange(T). Keys past q_start + T are cut off; left
     padding and causality go in as an explicit [B, 1, T, S] mask (cuDNN's own padding masks are right-padding
-    only), which JAX turns into an additive bias. `implementation="xla"` runs the same call on any backend."""
+    only), which JAX turns into an additive bias: B·T·S elements per layer call, unlike the kernel itself.
+    `implementation="xla"` runs the same call on any backend."""
     T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
     S = q_start + T
     dt = q_BTNH.dtype
