@@ -24,6 +24,7 @@ class ModelSection:
     tokenizer: str = "char"  # "char" (built-in character vocabulary) or a directory with tokenizer.json
     dtype: str = "float32"  # compute dtype ("bfloat16" on TPU/GPU)
     param_dtype: str = "float32"  # master weights and optimizer state, whatever dtype a checkpoint was saved in
+    attention_impl: str = "auto"  # ModelConfig.attention_impl: "auto", "xla", "chunked", "splash", "cudnn"
     scan_layers: bool = False  # ModelConfig.scan_layers: stacked layer params, one scan over layers
     remat: str = "none"  # ModelConfig.remat: "none", "full", "dots", "dots_no_batch", "proj"
     logits_chunk: int = 0  # ModelConfig.logits_chunk: positions per chunk of the vocabulary projection (0 = off)

@@ -110,6 +110,11 @@ def use_mesh(mesh: Mesh | None):
         _ACTIVE_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh set by the innermost `use_mesh` (at trace time), or None outside one."""
+    return _ACTIVE_MESH.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = _ACTIVE_MESH.get()
     if mesh is None:

@@ -11,9 +11,10 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from exprl_jax.models import attention
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.models.hf import INDEX_FILE, SINGLE_FILE, load_hf, load_tokenizer, save_hf
-from exprl_jax.models.transformer import forward, init_params, positions_from_mask
+from exprl_jax.models.transformer import forward, forward_with_cache, init_cache, init_params, positions_from_mask
 from exprl_jax.sharding import make_mesh
 
 torch.set_num_threads(1)
@@ -101,14 +102,57 @@ def hf_checkpoint(request, tmp_path_factory):
                 logits=_hf_logits(model, tokens, mask))
 
 
-def test_logits_match_transformers(hf_checkpoint):
+# Every attention implementation that runs on CPU: splash in Pallas interpret mode, and the cudnn wrapper with
+# XLA doing the work (`cudnn_xla`: the same jax.nn.dot_product_attention call, mask and GQA layout included).
+ATTENTION_IMPLS = ("xla", "chunked", "splash", "cudnn_xla")
+
+
+@pytest.fixture
+def attention_impl(request, monkeypatch):
+    if request.param != "cudnn_xla":
+        yield request.param
+        return
+    monkeypatch.setattr(attention, "cudnn_attention",
+                        functools.partial(attention.cudnn_attention, implementation="xla"))
+    _jitted_forward.cache_clear()  # traces are cached per config: none may cross the patch
+    yield "cudnn"
+    _jitted_forward.cache_clear()
+
+
+@pytest.mark.parametrize("attention_impl", ATTENTION_IMPLS, indirect=True)
+def test_logits_match_transformers(hf_checkpoint, attention_impl):
     config, params = load_hf(hf_checkpoint["path"])
     for field, value in {**VARIANTS[hf_checkpoint["variant"]][2], "rope_theta": 50_000.0,
                          "rms_norm_eps": 1e-5, "param_dtype": "float32"}.items():
         assert getattr(config, field) == value, field
     assert ("lm_head" in params) != config.tie_embeddings
+    config = config.replace(attention_impl=attention_impl, attention_block_q=8, attention_block_kv=8)
     ours = _our_logits(config, params, hf_checkpoint["tokens"], hf_checkpoint["mask"])
     assert _max_error_at_real_tokens(ours, hf_checkpoint["logits"], hf_checkpoint["mask"]) <= 1e-4
+
+
+@pytest.mark.parametrize("attention_impl", ATTENTION_IMPLS, indirect=True)
+@pytest.mark.parametrize("hf_checkpoint", ["qwen3"], indirect=True)
+def test_cache_logits_match_transformers(hf_checkpoint, attention_impl):
+    """Prefill from slot 0 (a static cache index: splash / cudnn run their kernel), then decode one token at a
+    time (a traced index: they fall back to chunked); every step's logits equal HF's full forward."""
+    config, params = load_hf(hf_checkpoint["path"])
+    config = config.replace(attention_impl=attention_impl, attention_block_q=4, attention_block_kv=4)
+    tokens, mask, expected = hf_checkpoint["tokens"], hf_checkpoint["mask"], hf_checkpoint["logits"]
+    prefill, steps = SEQ_LEN - 3, 3
+    positions = np.asarray(positions_from_mask(mask))
+    kv_valid = np.concatenate([mask[:, :prefill], np.zeros((len(mask), steps), np.int32)], axis=1)
+    caches = init_cache(config, len(mask), SEQ_LEN)
+    run = jax.jit(functools.partial(forward_with_cache, config), static_argnums=4)  # the cache index
+    logits, caches = run(params, tokens[:, :prefill], positions[:, :prefill], caches, 0, kv_valid)
+    real = mask[:, :prefill].astype(bool)
+    assert np.max(np.abs(np.asarray(logits)[real] - expected[:, :prefill][real])) <= 1e-4
+    decode = jax.jit(functools.partial(forward_with_cache, config))
+    for slot in range(prefill, SEQ_LEN):
+        kv_valid[:, slot] = 1
+        logits, caches = decode(params, tokens[:, slot:slot + 1], positions[:, slot:slot + 1], caches, slot,
+                                kv_valid)
+        assert np.max(np.abs(np.asarray(logits)[:, 0] - expected[:, slot])) <= 1e-4, slot
 
 
 def test_save_hf_round_trips_through_transformers(hf_checkpoint, tmp_path):

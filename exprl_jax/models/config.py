@@ -6,6 +6,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from exprl_jax.models.attention import ATTENTION_IMPLS
+
 FAMILIES = ("qwen3", "qwen2", "llama")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # "full" saves nothing but each layer's input; "dots" saves matmul outputs; "dots_no_batch" only those without
@@ -40,6 +42,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS; "auto": splash on TPU, cudnn on GPU, CPU by shape
+    attention_block_q: int = 512  # query / key tile of "chunked" and "splash" (splash rounds up to 128)
+    attention_block_kv: int = 512
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
@@ -60,6 +65,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.remat={self.remat!r}; supported: {REMAT_POLICIES}")
         if self.logits_chunk < 0:
             raise ValueError(f"ModelConfig.logits_chunk={self.logits_chunk} must be >= 0 (0 = unchunked)")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}; supported: {ATTENTION_IMPLS}")
+        for name in ("attention_block_q", "attention_block_kv"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 1")
 
     @property
     def jnp_param_dtype(self):

@@ -10,13 +10,13 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from exprl_jax.models.attention import attend
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.models.head import head_matrix, logits_of, token_logprobs_entropy
 from exprl_jax.sharding import constrain
-
-_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows (left padding) stay NaN-free
 
 
 class LayerCache(NamedTuple):
@@ -86,15 +86,9 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
             cache = LayerCache(k, v)
-        S = k.shape[1]
-        q = q.reshape(B, T, K, N // K, H)  # query heads grouped by the KV head they share
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(dt), preferred_element_type=jnp.float32)
-        scores = scores * (H ** -0.5)
-        causal = jnp.arange(S)[None, :] <= q_slots[:, None]  # [T, S]
-        mask = causal[None, :, :] & key_valid[:, None, :].astype(bool)  # [B, T, S]
-        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt)).reshape(B * T, N, H)
+        static_start = cache_index if isinstance(cache_index, (int, np.integer)) else None  # q_slots[0]
+        out = attend(q, k, v, q_slots, key_valid, impl=cfg.attention_impl, block_q=cfg.attention_block_q,
+                     block_kv=cfg.attention_block_kv, q_start=static_start).reshape(B * T, N, H)
         out = jnp.einsum("MNH,NHD->MD", out, wo.astype(dt)).reshape(B, T, D)
         if cfg.o_bias:
             out = out + _param(self, "o_bias", nn.initializers.zeros, (D,), ("embed",), cfg).astype(dt)
