@@ -129,9 +129,11 @@ def test_attend_falls_back_to_chunked_without_a_static_first_slot():
         np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
-def test_the_decoder_runs_splash_in_the_training_forward_and_prefill():
-    """The decoder hands attend its static first slot, so splash runs its kernel (not the chunked fallback)."""
-    cfg = ModelConfig.tiny(attention_impl="splash")
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (False, "full"), (True, "full")])
+def test_the_decoder_runs_splash_in_the_training_forward_and_prefill(scan, remat):
+    """The decoder hands attend its static first slot, so splash runs its kernel (not the chunked fallback), also
+    under scan over layers and rematerialisation."""
+    cfg = ModelConfig.tiny(attention_impl="splash", scan_layers=scan, remat=remat)
     params = random_params(cfg)
     tokens = np.ones((2, 6), np.int32)
     assert "pallas_call" in str(jax.make_jaxpr(functools.partial(forward, cfg))(params, tokens))

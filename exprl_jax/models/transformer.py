@@ -163,9 +163,12 @@ class Transformer(nn.Module):
         else:
             new_caches = []
             for i in range(cfg.num_layers):
-                x, layer_cache = block(cfg, name=f"layers_{i}")(
-                    x, positions, key_valid, q_slots, None if caches is None else caches[i], cache_index)
-                new_caches.append(layer_cache)
+                layer = block(cfg, name=f"layers_{i}")
+                if caches is None:  # cache_index stays a Python int: remat would trace it (and splash needs it)
+                    x, _ = layer(x, positions, key_valid, q_slots)
+                else:
+                    x, layer_cache = layer(x, positions, key_valid, q_slots, caches[i], cache_index)
+                    new_caches.append(layer_cache)
             new_caches = None if caches is None else tuple(new_caches)
         x = RMSNorm(cfg, name="final_norm")(x)
         if not cfg.tie_embeddings:
