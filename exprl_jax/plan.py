@@ -162,6 +162,8 @@ def plan(cfg, topology: str, *, prompt_tokens: int = 0, teacher_prompt_tokens: i
     from exprl_jax import sharding as shd
 
     cfg = config_lib.resolve(cfg)
+    # a deviceless TPU executable cannot be read back from the persistent cache, so none is written
+    jax.config.update("jax_enable_compilation_cache", False)
     mesh = shd.make_mesh(cfg.mesh.shape, devices=topology_devices(topology))
     prompt_tokens = prompt_tokens or cfg.rollout.max_prompt_tokens
     if prompt_tokens < 1 and cfg.method != "sft":

@@ -17,7 +17,16 @@ def get_config():
     c.model.tokenizer = ""  # comes with hf_path
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
-    c.mesh.shape = (1, -1, 1)  # FSDP over all chips
+    # Memory layout, checked by the TPU compiler (the numbers are in the module docstring):
+    #   python -m exprl_jax.plan --config=experiments/configs/qwen3_4b_exprl.py --topology=v5p-32
+    #   python -m exprl_jax.plan --config=experiments/configs/qwen3_4b_exprl.py --topology=v5e-64
+    c.mesh.shape = (1, -1, 4)  # FSDP over the rest x 4-way tensor parallelism (heads, kv heads, MLP, vocab)
+    c.model.attention_impl = "auto"  # splash on TPU, cuDNN on GPU
+    c.model.scan_layers = True
+    c.model.remat = "full"  # keep one [rows, L, D] input per layer; recompute the rest in the backward pass
+    c.model.logits_chunk = 1024  # positions per chunk of the 151,936-way vocabulary projection
+    c.train.micro_batch_size = 16  # rows per micro-step (one row per 4-chip tensor group on a v5e-64)
+    c.rollout.max_prompt_tokens = 2048  # the paper's prompts fit in ~2k tokens; longer ones are an error
     c.data.source = "jsonl"
     c.data.chat_template = True  # an instruction-tuned policy
     c.data.prompt_template = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
