@@ -27,7 +27,7 @@ QUERY_LEN = 3  # the answer is the values of this many last variables
 VAR_OPERAND_P = 0.5  # share of steps whose second operand is an earlier variable rather than a digit
 SWAP_P = 0.3  # share of steps written with the previous variable on the right ("d=5-c")
 # fixed data seeds: every training seed sees the same problems, and the eval sets never change
-SEEDS = {"pretrain": 11, "pool": 22, "easy": 33, "same": 44, "harder": 55}
+SEEDS = {"pretrain": 11, "pool": 22, "easy": 33, "same": 44, "harder": 55, "ladder": 66}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -138,21 +138,6 @@ def max_new_tokens(ks, margin: int = 32) -> int:
     return -(-(14 * max(ks) + 11 + margin) // 16) * 16
 
 
-def exact_trace_success(text: str, record: QARecord) -> bool:
-    """The final answer and every checkpoint right: each checkpoint's name is written, only ever with its value."""
-    from exprl_jax.judge.programmatic import statements
-    from exprl_jax.rewards.answers import extract_answer
-
-    if extract_answer(text, style="boxed") != record.answer:
-        return False
-    written = statements(text)
-    for cp in record.checkpoints or ():
-        name, value = cp.split("=", 1)
-        if not written.get(name) or any(v != value for v in written[name]):
-            return False
-    return True
-
-
 # ---------------------------------------------------------------- record views
 
 
@@ -172,10 +157,17 @@ def eval_records(split: str, ks, n: int) -> list[QARecord]:
 
 
 def testbed_eval_sets(cfg) -> dict[str, list[QARecord]]:
-    """Held-out sets: "easy" (pre-training difficulty), "same" (Stage-I difficulty), "harder"."""
+    """Held-out sets: "easy" (pre-training difficulty), "same" (Stage-I difficulty), "harder", and the difficulty
+    ladder: one set of `ladder_problems` chains per k in `ladder_steps`, named "k<k>" (`ladder_sets`)."""
     t, n = cfg.testbed, cfg.data.num_eval
     return {"easy": eval_records("easy", t.pretrain_steps, n), "same": eval_records("same", t.stage1_steps, n),
-            "harder": eval_records("harder", t.harder_steps, n)}
+            "harder": eval_records("harder", t.harder_steps, n), **ladder_sets(cfg)}
+
+
+def ladder_sets(cfg) -> dict[str, list[QARecord]]:
+    """The evaluation ladder (rungs easiest first): held-out chains of each length in `testbed.ladder_steps`."""
+    t = cfg.testbed
+    return {f"k{k}": eval_records("ladder", [k], t.ladder_problems) for k in t.ladder_steps}
 
 
 def pretrain_records(cfg, held_out: set[str]) -> list[QARecord]:
