@@ -95,8 +95,8 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
     is left out of its problem's count and counted in `no_verdict`; pass@k averages over the problems with at
     least k verdicts. Records that carry `checkpoints` also get exact-trace success (the programmatic judge's
     level 5: every checkpoint established, none contradicted, and the answer: `exact_pass@k`), the mean share of
-    checkpoints established, and `chain_reach` (accuracy per chain position). Returns {"metrics", "pass_at_k",
-    "per_problem", "chain_reach"}."""
+    checkpoints established, and `chain_reach` (accuracy per chain position; per problem, `reach[j-1]` counts the
+    samples whose first j steps are right). Returns {"metrics", "pass_at_k", "per_problem", "chain_reach"}."""
     import jax
 
     from exprl_jax.config import RolloutSection
@@ -139,14 +139,17 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
         "never_solved_frac": float(np.mean(correct_P == 0)), "problems": len(records),
         "no_verdict": int(num_samples * len(records) - judged_P.sum()),
     })
-    exact_P = None
+    exact_P, reach_P = None, [None] * len(records)
     if with_checkpoints:
         exact_P = np.asarray(exact).reshape(len(records), num_samples).sum(axis=1)
+        progress_PS = np.asarray(progress).reshape(len(records), num_samples)
+        reach_P = [[int((progress_PS[i] >= j).sum()) for j in range(1, len(rec.checkpoints) + 1)]
+                   for i, rec in enumerate(records)]
         metrics.update({f"exact_pass@{k}": v for k, v in pass_at_k_table([num_samples] * len(records),
                                                                          exact_P.tolist(), ks).items()})
         metrics["checkpoint_frac"] = float(np.mean(checkpoint_fracs))
     per_problem = [{"id": rec.id, "correct": int(correct_P[i]), "samples": int(judged_P[i]),
-                    **({"exact": int(exact_P[i])} if exact_P is not None else {}),
+                    **({"exact": int(exact_P[i]), "reach": reach_P[i]} if exact_P is not None else {}),
                     "example": texts[i * num_samples][:500]} for i, rec in enumerate(records)]
     return {"metrics": metrics, "pass_at_k": {str(k): v for k, v in table.items()}, "per_problem": per_problem,
             "chain_reach": chain_reach(progress, totals) if with_checkpoints else []}

@@ -60,6 +60,21 @@ def mde(base_rates, *, samples: int, k: int = 1, seeds: int = 1, num_sims: int =
     return (Z_95 + Z_80) * float(np.std(diffs))
 
 
+def mde_resampled(per_sample_P, *, seeds: int = 1, num_sims: int = 400, seed: int = 0) -> float:
+    """As `mde`, for a per-problem mean of per-sample values (e.g. the share of late chain positions reached):
+    each arm's per-problem mean is re-drawn by resampling that problem's base samples with replacement."""
+    rng = np.random.default_rng(seed)
+    per_sample_P = [np.asarray(v, dtype=float) for v in per_sample_P if len(v)]
+    diffs = []
+    for _ in range(num_sims):
+        total = 0.0
+        for values in per_sample_P:
+            a, b = (rng.choice(values, size=(seeds, len(values))).mean(axis=1) for _ in range(2))
+            total += float(np.mean(a - b))
+        diffs.append(total / len(per_sample_P))
+    return (Z_95 + Z_80) * float(np.std(diffs))
+
+
 def format_ci(result: dict, digits: int = 3) -> str:
     """`+0.012 [-0.004, +0.028] n.s.`: the difference, its CI, and "n.s." where the CI covers 0."""
     if not np.isfinite(result["diff"]):
