@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from exprl_jax.experiment import enable_compilation_cache  # noqa: E402
+from exprl_jax.build import enable_compilation_cache  # noqa: E402
 from exprl_jax.tasks import probes  # noqa: E402
 
 _BASE = flags.DEFINE_string("base", "assets/testbed_base", "The base checkpoint (HF directory or a workdir).")

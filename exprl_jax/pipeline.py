@@ -14,8 +14,9 @@ import os
 
 import jax
 
+from exprl_jax.build import build_model, load_records, params_sha256, resolve_path
 from exprl_jax.config import ExperimentConfig
-from exprl_jax.experiment import Experiment, build_model, load_records, params_sha256, resolve_path
+from exprl_jax.experiment import Experiment
 from exprl_jax.report import format_table, plot_pass_at_k, plot_pass_at_k_curves  # noqa: F401 (re-exported)
 
 EVAL_VERSION = 2  # part of the base-evaluation cache key: bump when evaluate_policy's counting changes
