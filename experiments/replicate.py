@@ -25,14 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import replication_report as rr  # noqa: E402
 from exprl_jax.config import load_config  # noqa: E402
 from exprl_jax.build import enable_compilation_cache, load_records  # noqa: E402
 from exprl_jax.pipeline import _load, cached_evaluation, evaluation_sets, run_pipeline  # noqa: E402
-from exprl_jax.significance import mde, mde_resampled  # noqa: E402
+from exprl_jax.report import format_mde, minimum_detectable_effects_of  # noqa: E402
 
 CORE = ("base", "exact_step", "exprl_outcome", "wrong_reference", "grpo", "exprl_process", "self_distill", "sft")
 SENSITIVITY = ("noisy_judge", "self_distill_lr1x", "strong_teacher")
@@ -91,43 +90,15 @@ def arm_config(name: str, seed: int, quick: bool = False):
 
 
 def minimum_detectable_effects(cfg, seeds) -> dict:
-    """MDEs of the paired comparisons, from the base's evaluation of the first seed (sampling noise only)."""
+    """MDEs of the paired comparisons over `seeds`, from the base's (cached) evaluation of the first seed."""
     sets = evaluation_sets(cfg)
     model = _load(cfg, None)
-    ladder = cached_evaluation(cfg, *model, sets, num_samples=cfg.eval.num_samples)
-    rung = f"k{cfg.testbed.stage1_steps[-1]}"
-    k, n = int(rung[1:]), cfg.eval.num_samples
-    out = {"rung": rung, "seeds": len(seeds), "problems": len(ladder[rung]["per_problem"])}
-    per_sample = []
-    for p in ladder[rung]["per_problem"]:  # each sample's share of late positions reached, from the reach counts
-        reach = p["reach"] + [0]
-        progress = np.repeat(np.arange(k + 1), [p["samples"] - reach[0]] + [reach[j] - reach[j + 1]
-                                                                            for j in range(k)])
-        per_sample.append(np.clip(progress - k // 2, 0, None) / len(rr.late_positions(k)))
-    out["M"] = mde_resampled(per_sample, seeds=len(seeds))
-    out["M_base"] = float(np.mean([v.mean() for v in per_sample]))
-    rates = np.array([p["correct"] / max(p["samples"], 1) for p in ladder[rung]["per_problem"]])
-    out["P1"], out["P1_base"] = mde(rates, samples=n, k=1, seeds=len(seeds)), float(rates.mean())
+    base = {"ladder": cached_evaluation(cfg, *model, sets, num_samples=cfg.eval.num_samples)}
     if cfg.eval.final_num_samples:
         hardest = list(sets)[-1]
-        final = cached_evaluation(cfg, *model, {hardest: sets[hardest]}, num_samples=cfg.eval.final_num_samples,
-                                  salt=1000)[hardest]
-        m = cfg.eval.final_num_samples
-        rates = np.array([p["correct"] / max(p["samples"], 1) for p in final["per_problem"]])
-        out[f"P{m}"] = mde(rates, samples=m, k=m, seeds=len(seeds))
-        out[f"P{m}_base"] = float(final["pass_at_k"][str(m)])
-        out["hardest"] = hardest
-    return out
-
-
-def format_mde(m: dict) -> str:
-    final = next((key for key in m if key.startswith("P") and key[1:].isdigit() and key != "P1"), None)
-    text = (f"Minimum detectable effects (paired, two-sided 5%, 80% power; {m['problems']} problems x {m['seeds']} "
-            f"seeds; evaluation sampling noise only, so training-seed variance comes on top): M on {m['rung']} "
-            f"{m['M']:.3f} (base {m['M_base']:.3f}); P1 on {m['rung']} {m['P1']:.4f} (base {m['P1_base']:.4f})")
-    if final:
-        text += f"; {final} on {m['hardest']} {m[final]:.3f} (base {m[final + '_base']:.3f})"
-    return text + "."
+        base["final"] = cached_evaluation(cfg, *model, {hardest: sets[hardest]},
+                                          num_samples=cfg.eval.final_num_samples, salt=1000)
+    return minimum_detectable_effects_of(base, cfg, len(seeds))
 
 
 def _machine() -> str:

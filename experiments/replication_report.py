@@ -15,17 +15,13 @@ import os
 import numpy as np
 
 from exprl_jax.metrics import read_metrics
-from exprl_jax.report import plot_pass_at_k_curves
+from exprl_jax.report import late_positions, plot_pass_at_k_curves
 from exprl_jax.significance import format_ci, paired_bootstrap, per_problem_pass_at_k
 
 PRE_START = "<!-- pre-registered: written before any number below; replicate.py keeps it verbatim -->"
 PRE_END = "<!-- end of the pre-registered section -->"
 HAND_WRITTEN = "<!-- hand-written from here on; replicate.py keeps it when it rewrites the tables above -->"
 EXPRL_ARMS = ("exprl_outcome", "exprl_process")
-
-
-def late_positions(k: int) -> range:
-    return range(k // 2 + 1, k + 1)
 
 
 def late_reach_P(report: dict, k: int) -> np.ndarray:

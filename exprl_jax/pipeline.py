@@ -17,7 +17,8 @@ import jax
 from exprl_jax.build import build_model, load_records, params_sha256, resolve_path
 from exprl_jax.config import ExperimentConfig
 from exprl_jax.experiment import Experiment
-from exprl_jax.report import format_table, plot_pass_at_k, plot_pass_at_k_curves  # noqa: F401 (re-exported)
+from exprl_jax.report import (format_mde, format_table, minimum_detectable_effects_of, plot_pass_at_k,  # noqa: F401
+                               plot_pass_at_k_curves)
 
 EVAL_VERSION = 2  # part of the base-evaluation cache key: bump when evaluate_policy's counting changes
 MAX_EVAL_ROWS = 1024  # sampled rows per generate call (KV-cache memory)
@@ -155,6 +156,8 @@ def run_pipeline(cfg: ExperimentConfig, workdir: str, *, on_base_eval=None) -> d
         return out
 
     base = _stage_eval(os.path.join(workdir, "eval_base.json"), base_eval)
+    if cfg.data.source == "testbed":
+        print(format_mde(minimum_detectable_effects_of(base, cfg, seeds=1)), flush=True)  # before any training
     if on_base_eval is not None:
         on_base_eval(base)
     summary: dict = {"base": base["ladder"], "base_final": base.get("final")}

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from exprl_jax.metrics import read_metrics
-from exprl_jax.significance import format_ci, paired_bootstrap, per_problem_pass_at_k
+from exprl_jax.significance import format_ci, mde, mde_resampled, paired_bootstrap, per_problem_pass_at_k
 
 STAGES = (("base", "base"), ("stage1", "after Stage I"), ("stage2", "after Stage II"))
 
@@ -102,6 +102,51 @@ def format_table(summary: dict, cfg, workdir: str) -> str:
     if final_after and final_before:
         lines += [""] + pass_at_k_ci(final_before, final_after, "after Stage II")
     return "\n".join(lines)
+
+
+def late_positions(k: int) -> range:
+    """The late chain positions of M, held-out late-step accuracy (RESULTS.md): j = floor(k/2)+1 .. k."""
+    return range(k // 2 + 1, k + 1)
+
+
+def minimum_detectable_effects_of(base: dict, cfg, seeds: int) -> dict:
+    """MDEs (paired, two-sided 5%, 80% power) of M and pass@1 on the Stage-I rung and of pass@n on the hardest rung
+    after `eval.final_num_samples` samples, from a base evaluation {"ladder", "final"} (sampling noise only)."""
+    ladder = base["ladder"]
+    rung = f"k{cfg.testbed.stage1_steps[-1]}" if f"k{cfg.testbed.stage1_steps[-1]}" in ladder else list(ladder)[-1]
+    problems = ladder[rung]["per_problem"]
+    out = {"rung": rung, "seeds": seeds, "problems": len(problems)}
+    rates = np.array([p["correct"] / max(p["samples"], 1) for p in problems])
+    out["P1"], out["P1_base"] = mde(rates, samples=cfg.eval.num_samples, k=1, seeds=seeds), float(rates.mean())
+    if problems and "reach" in problems[0]:
+        k = len(problems[0]["reach"])
+        per_sample = []
+        for p in problems:  # each sample's share of the late positions reached, from the reach counts
+            reach = p["reach"] + [0]
+            progress = np.repeat(np.arange(k + 1), [p["samples"] - reach[0]] + [reach[j] - reach[j + 1]
+                                                                                for j in range(k)])
+            per_sample.append(np.clip(progress - k // 2, 0, None) / len(late_positions(k)))
+        out["M"] = mde_resampled(per_sample, seeds=seeds)
+        out["M_base"] = float(np.mean([v.mean() for v in per_sample]))
+    if base.get("final"):
+        hardest, m = list(base["final"])[-1], cfg.eval.final_num_samples
+        final = base["final"][hardest]
+        rates = np.array([p["correct"] / max(p["samples"], 1) for p in final["per_problem"]])
+        out.update({"hardest": hardest, "final_n": m, "final": mde(rates, samples=m, k=m, seeds=seeds),
+                    "final_base": float(final["pass_at_k"][str(m)])})
+    return out
+
+
+def format_mde(m: dict) -> str:
+    text = (f"Minimum detectable effects (paired, two-sided 5%, 80% power; {m['problems']} problems x {m['seeds']} "
+            f"seed(s); evaluation sampling noise only, training-seed variance comes on top): ")
+    parts = []
+    if "M" in m:
+        parts.append(f"M on {m['rung']} {m['M']:.3f} (base {m['M_base']:.3f})")
+    parts.append(f"pass@1 on {m['rung']} {m['P1']:.4f} (base {m['P1_base']:.4f})")
+    if "final" in m:
+        parts.append(f"pass@{m['final_n']} on {m['hardest']} {m['final']:.3f} (base {m['final_base']:.3f})")
+    return text + "; ".join(parts) + "."
 
 
 def plot_pass_at_k(summary: dict, path: str, title: str = "") -> None:

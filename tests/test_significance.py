@@ -38,3 +38,20 @@ def test_mde_matches_the_binomial_formula():
     # resampling 0/1 samples with 8 successes in 16 is the same binomial at p = 0.5
     per_sample = [np.array([1.0] * 8 + [0.0] * 8)] * 100
     assert mde_resampled(per_sample, seeds=1, num_sims=2000) == pytest.approx(0.0495, rel=0.08)
+
+
+def test_minimum_detectable_effects_from_a_base_evaluation():
+    import types
+
+    from exprl_jax.report import format_mde, minimum_detectable_effects_of
+
+    # k = 4 (late positions 3, 4): 8 of 16 samples reach every step, 8 none -> per-sample M is 1 or 0, a binomial
+    # at p = 0.5 over 100 problems: MDE 0.0495 as above; pass@1 from 8 correct of 16 is the same binomial
+    problem = {"reach": [8, 8, 8, 8], "correct": 8, "samples": 16}
+    base = {"ladder": {"k4": {"per_problem": [problem] * 100, "pass_at_k": {"1": 0.5}}}}
+    cfg = types.SimpleNamespace(testbed=types.SimpleNamespace(stage1_steps=(4,)),
+                                eval=types.SimpleNamespace(num_samples=16, final_num_samples=0))
+    m = minimum_detectable_effects_of(base, cfg, seeds=1)
+    assert m["M_base"] == 0.5 and m["P1_base"] == 0.5 and m["rung"] == "k4"
+    assert m["M"] == pytest.approx(0.0495, rel=0.12) and m["P1"] == pytest.approx(0.0495, rel=0.12)
+    assert format_mde(m).startswith("Minimum detectable effects") and "M on k4" in format_mde(m)
