@@ -57,7 +57,8 @@ def _quick(overrides: dict) -> dict:
 def arm_config(name: str, seed: int, quick: bool = False):
     base = load_config(_CONFIG.value, seed=seed)
     lr = base.optim.learning_rate
-    o = {"seed": seed, "name": f"{name}_seed{seed}"}
+    # the ExpRL-Outcome arm is the default config itself (its seed-0 run is `python experiments/run.py`)
+    o = {"seed": seed} if name == "exprl_outcome" else {"seed": seed, "name": name}
     if name == "base":
         o["train.steps"] = 0  # Stage II straight from the base model
     elif name in ("sft",):

@@ -82,3 +82,26 @@ def test_late_reach_and_the_verdict_rule(tmp_path):
     assert null.verdict()[0] == "ExpRL does not work here"  # the positive control moved M, ExpRL did not
     no_control = rr.Replication({k: v for k, v in _results(tmp_path, 0).items() if k != "exact_step"}, "k4", 8)
     assert no_control.verdict()[0] == "inconclusive"
+
+
+def test_arm_configs_follow_spec_and_the_default_is_the_outcome_arm():
+    import dataclasses
+
+    replicate = _module("replicate")
+    if not replicate.flags.FLAGS.is_parsed():
+        replicate.flags.FLAGS(["replicate"])
+    from exprl_jax.config import load_config
+
+    default = load_config(os.path.join(ROOT, "experiments", "configs", "default.py"))
+    assert replicate.arm_config("exprl_outcome", 0) == default  # `python experiments/run.py` is this arm's seed 0
+    lr = default.optim.learning_rate
+    process = replicate.arm_config("exprl_process", 1)
+    assert process.loss.ppo_mini_batch_size == 0 and process.process.context == "prefix" and process.seed == 1
+    assert replicate.arm_config("self_distill", 0).optim.learning_rate == pytest.approx(lr / 10)  # SPEC §6
+    assert replicate.arm_config("self_distill_lr1x", 0).optim.learning_rate == lr
+    control = replicate.arm_config("exact_step", 0)
+    assert (control.judge.backend, control.process.mode, control.method) == ("exact_step", "group", "exprl_process")
+    assert replicate.arm_config("wrong_reference", 0).judge.reference == "other"
+    assert replicate.arm_config("noisy_judge", 0).judge.noise == replicate.JUDGE_NOISE
+    base = replicate.arm_config("base", 2)
+    assert base.train.steps == 0 and dataclasses.replace(base, train=default.train, seed=0, name="default") == default
