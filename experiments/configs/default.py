@@ -24,10 +24,10 @@ def get_config():
     c.data.answer_style = "boxed"
     c.testbed.view = "stage1"
     c.testbed.stage1_steps = (POOL_K,)
-    c.testbed.num_pool = 2048  # candidates; the base-model filter keeps those it never solves
+    c.testbed.num_pool = 1024  # candidates; the base-model filter keeps those it never solves
     c.testbed.hard_filter_k = 32  # SPEC §2 (the paper: 0 of 64)
-    c.testbed.ladder_steps = (POOL_K - 2, POOL_K - 1, POOL_K, POOL_K + 1)
-    c.testbed.ladder_problems = 64
+    c.testbed.ladder_steps = (POOL_K - 1, POOL_K, POOL_K + 1)  # easier, the pool's length, harder
+    c.testbed.ladder_problems = 48
     c.rollout.prompts_per_step = 16
     c.rollout.group_size = 8
     c.rollout.max_new_tokens = 16 * -(-(14 * POOL_K + 43) // 16)  # the longest native trace plus a margin
@@ -38,7 +38,7 @@ def get_config():
     c.judge.backend = "programmatic"
     c.train.steps = 40
     c.train.save_every = 10
-    c.stage2.steps = 30
+    c.stage2.steps = 20
     c.stage2.group_size = 32  # SPEC §5
     c.stage2.prompts_per_step = 4  # 4 x 32 = the Stage-I step's 128 rollouts
     c.eval.num_samples = 16

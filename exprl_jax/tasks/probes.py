@@ -16,7 +16,7 @@ from exprl_jax.judge.programmatic import checkpoints_of, outcome_level, verify
 from exprl_jax.rewards.answers import extract_answer
 from exprl_jax.tasks import testbed as tb
 
-MAX_ROWS = 1024  # sampled rows per generate call
+MAX_ROWS = 256  # sampled rows per generate call (the teacher prompts are long: KV-cache memory)
 
 
 @dataclasses.dataclass(frozen=True)
