@@ -64,8 +64,12 @@ class RolloutSection:
     temperature: float = 0.8  # SPEC §5
     top_p: float = 1.0
     top_k: int = 0
-    recompute_logprobs: str = "auto"  # "true" / "false" / "auto" (= on unless model.dtype is float32): behaviour
-    #                                   log-probs from the training forward, so the first update's ratio is exactly 1
+    recompute_logprobs: str = "auto"  # "true" / "false" / "auto" (= on unless model.dtype and rollout.dtype are
+    #                                   float32): behaviour log-probs from the training forward, so the first
+    #                                   update's ratio is exactly 1
+    dtype: str = "auto"  # weights and compute of the rollout engine's copy of the policy; "auto" = model.dtype
+    max_concurrent_rows: int = 0  # cache slots of the rollout engine (0 = every row of a call at once); finished
+    #                               rows' slots are refilled, so any number of rows samples through bounded memory
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -213,6 +217,9 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
     loss = dataclasses.replace(loss, **changes)
     if loss.scale_by_std not in ("true", "false"):
         raise ValueError(f"config.loss.scale_by_std={loss.scale_by_std!r}; expected 'true', 'false' or 'auto'")
+    if cfg.rollout.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"config.rollout.dtype={cfg.rollout.dtype!r}; expected 'auto', 'float32', 'bfloat16' or "
+                         "'float16'")
     if cfg.rollout.recompute_logprobs not in ("auto", "true", "false"):
         raise ValueError(f"config.rollout.recompute_logprobs={cfg.rollout.recompute_logprobs!r}; expected 'true', "
                          "'false' or 'auto'")

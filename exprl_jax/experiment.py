@@ -153,7 +153,8 @@ class Experiment:
 
         ev = self.cfg.eval
         report = evaluate_policy(
-            self.model_cfg, params, self.tokenizer, self.eval_records, jax.random.key(self.cfg.seed + 7),
+            self.runner.rollout_model_cfg, self.runner.rollout_params(params), self.tokenizer, self.eval_records,
+            jax.random.key(self.cfg.seed + 7), max_concurrent_rows=self.cfg.rollout.max_concurrent_rows,
             num_samples=ev.num_samples, temperature=ev.temperature,
             max_new_tokens=ev.max_new_tokens or self.cfg.rollout.max_new_tokens, template=self.cfg.data.prompt_template,
             answer_style=self.cfg.data.answer_style, eos=self.eos, pad=self.pad, mesh=self.mesh,

@@ -18,6 +18,7 @@ from exprl_jax.methods import loss_mask_key
 from exprl_jax.rewards.answers import check_answers, extract_answer
 from exprl_jax.rewards.base import RewardBatch, Span, score_sync
 from exprl_jax.rewards.sparse import no_correct_frac
+from exprl_jax.rollout.weights import make_rollout_params, rollout_model_config
 from exprl_jax.rollouts import Rollouts, prompt_text, sample_rollouts, score_responses, sequence_batch
 from exprl_jax.sampling import pad_prompts
 
@@ -66,8 +67,12 @@ class StepRunner:
 
             self.teacher_template = load_template("self-distill-teacher")
         self._judge_pool = ThreadPoolExecutor(max_workers=1)  # the judge runs beside the device, never inside jit
-        recompute = self.cfg.rollout.recompute_logprobs
-        self.recompute_logprobs = recompute == "true" or (recompute == "auto" and exp.model_cfg.dtype != "float32")
+        rollout = self.cfg.rollout
+        self.rollout_model_cfg = rollout_model_config(exp.model_cfg, "" if rollout.dtype == "auto" else rollout.dtype)
+        self.rollout_params = make_rollout_params(exp.model_cfg, self.rollout_model_cfg, exp.mesh)
+        low_precision = exp.model_cfg.dtype != "float32" or self.rollout_model_cfg.dtype != "float32"
+        self.recompute_logprobs = rollout.recompute_logprobs == "true" or (
+            rollout.recompute_logprobs == "auto" and low_precision)
 
     def close(self):
         self._judge_pool.shutdown()
@@ -118,8 +123,8 @@ class StepRunner:
         are then recomputed by the training forward with the same params, so the first mini-batch's ratio is
         exactly 1 even when the sampler's low-precision log-probs differ from the trainer's (SPEC §5)."""
         t = time.time()
-        rollouts = sample_rollouts(self.exp.model_cfg, params, self.exp.tokenizer, records, key,
-                                   rollout_cfg=self.cfg.rollout, template=self.cfg.data.prompt_template,
+        rollouts = sample_rollouts(self.rollout_model_cfg, self.rollout_params(params), self.exp.tokenizer, records,
+                                   key, rollout_cfg=self.cfg.rollout, template=self.cfg.data.prompt_template,
                                    eos=self.exp.eos, pad=self.exp.pad, mesh=self.exp.mesh,
                                    chat=self.cfg.data.chat_template)
         if self.recompute_logprobs:
