@@ -6,6 +6,7 @@ dotted key. Every field has a comment; defaults follow SPEC §5 where the paper 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from typing import Any
@@ -296,15 +297,21 @@ def default_config_dict():
     return ml_collections.ConfigDict(to_dict(ExperimentConfig()))
 
 
+def config_from_file(path: str, *args):
+    """The `ml_collections.ConfigDict` a config file's `get_config(*args)` returns (also for one config file built
+    on another: `config_from_file(os.path.join(os.path.dirname(__file__), "qwen3_4b_exprl.py"))`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"exprl_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
 def load_config(path: str, **overrides) -> ExperimentConfig:
     """An ExperimentConfig from a config file's `get_config()`, with dotted-key overrides (`**{"train.steps": 2}`),
     checked like command-line overrides."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("exprl_config_file", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    values = module.get_config().to_dict()
+    values = config_from_file(path).to_dict()
     for dotted, value in overrides.items():
         node = values
         *parents, leaf = dotted.split(".")

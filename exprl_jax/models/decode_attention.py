@@ -38,11 +38,12 @@ def decode_attention(q_S1NH, cache: SlotCache, lengths_S, *, block_kv: int = 512
 
     "jnp" (any backend): blocks of `block_kv` positions, up to the longest row's length (a fixed block grid, so a
     row's result does not depend on the other rows: a block of masked keys changes no running sum). "paged": the
-    Pallas TPU paged-attention kernel, whose cost follows each row's own length. "auto": paged on TPU, else jnp."""
-    if impl == "auto":
+    Pallas TPU paged-attention kernel, whose cost follows each row's own length. "auto": paged on TPU when the head
+    dim is a multiple of 128, else jnp."""
+    if impl == "auto":  # the kernel tiles the head dim by the 128-wide TPU lanes
         from exprl_jax.models.attention import _platform
 
-        impl = "paged" if _platform() == "tpu" else "jnp"
+        impl = "paged" if _platform() == "tpu" and q_S1NH.shape[-1] % 128 == 0 else "jnp"
     if impl == "paged":
         return _paged(q_S1NH, cache, lengths_S)
     return _blockwise(q_S1NH, cache, lengths_S, block_kv)

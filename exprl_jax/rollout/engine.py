@@ -56,10 +56,13 @@ def init_state(*, config: ModelConfig, slots: int, cache_len: int, rows: int, ma
         caches = tuple(SlotCache.zeros(config.num_kv_heads, slots, cache_len, config.head_dim, config.jnp_dtype)
                        for _ in range(config.num_layers))
         zeros = jnp.zeros((slots,), jnp.int32)
+        rows_axis = ("activation_batch", None)  # outputs by row, split like the slots (rows is padded to match)
         return _constrain_state(EngineState(
             caches, jnp.full((slots,), -1, jnp.int32), zeros, zeros, zeros, jnp.zeros((slots,), jnp.float32),
-            jnp.full((rows, max_new_tokens), pad_id, jnp.int32), jnp.zeros((rows, max_new_tokens), jnp.float32),
-            jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool), jnp.int32(0), jnp.int32(0)))
+            shd.constrain(jnp.full((rows, max_new_tokens), pad_id, jnp.int32), rows_axis),
+            shd.constrain(jnp.zeros((rows, max_new_tokens), jnp.float32), rows_axis),
+            shd.constrain(jnp.zeros((rows,), jnp.int32), rows_axis[:1]),
+            shd.constrain(jnp.zeros((rows,), bool), rows_axis[:1]), jnp.int32(0), jnp.int32(0)))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "mesh"))
@@ -168,8 +171,9 @@ class Engine:
         if sorted(order) != list(range(n)):
             raise ValueError(f"order must be a permutation of range({n})")
         statics = dict(config=self.config, mesh=self.mesh)
-        state = init_state(slots=self.slots, cache_len=self.cache_len(prompt_width), rows=n,
-                           max_new_tokens=self.max_new_tokens, pad_id=self.sampling.pad_id, **statics)
+        state = init_state(slots=self.slots, cache_len=self.cache_len(prompt_width),
+                           rows=round_up(n, batch_shards(self.mesh)), max_new_tokens=self.max_new_tokens,
+                           pad_id=self.sampling.pad_id, **statics)
         next_row, free = 0, list(range(self.slots))
         while True:
             while next_row < n and free:
@@ -184,7 +188,7 @@ class Engine:
             free = [int(s) for s in np.flatnonzero(np.asarray(jax.device_get(state.row)) < 0)]
         out = jax.device_get((state.out_tokens, state.out_logprobs, state.out_lengths, state.out_truncated,
                               state.busy_slot_steps, state.slot_steps))
-        return tuple(np.asarray(x) for x in out[:4]) + (float(out[4]) / max(int(out[5]), 1),)
+        return tuple(np.asarray(x)[:n] for x in out[:4]) + (float(out[4]) / max(int(out[5]), 1),)
 
     def _refill(self, params, state, prompts, rng, rows, slots, width):
         k = self.refill_rows
