@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from exprl_jax.models.attention import attend
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.models.decode_attention import SlotCache, decode_attention
 from exprl_jax.models.head import head_matrix, logits_of, token_logprobs_entropy
-from exprl_jax.sharding import constrain
+from exprl_jax.sharding import active_mesh, constrain, logical_to_spec
 
 
 class LayerCache(NamedTuple):
@@ -159,8 +160,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         embedding = _param(self, "embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
                            ("vocab", "embed"), cfg)
-        # gather from a replicated copy: a gather from a vocab/fsdp-sharded table forces XLA to rematerialise it
-        x = jnp.take(constrain(embedding, (None, None)), tokens, axis=0).astype(cfg.jnp_dtype)
+        x = embed_lookup(embedding.astype(cfg.jnp_dtype), tokens)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         block = _block_class(cfg)
         if cfg.scan_layers:
@@ -188,6 +188,27 @@ class Transformer(nn.Module):
         if hidden_only:
             return x, new_caches
         return logits_of(cfg, x, embedding.T if cfg.tie_embeddings else head), new_caches
+
+
+def embed_lookup(table_VD, tokens_BT):
+    """Rows of the embedding table [V, D] for tokens [B, T]. With the vocabulary split over a mesh axis, each shard
+    looks up the tokens in its own range and a sum over that axis assembles the rows, so the [V, D] table is never
+    gathered whole (a plain gather from a vocab-split table makes XLA rebuild it on every chip)."""
+    mesh = active_mesh()
+    vocab_axis = None if mesh is None else logical_to_spec(("vocab", "embed"), table_VD.shape, mesh)[0]
+    if vocab_axis is None:
+        return jnp.take(constrain(table_VD, (None, None)), tokens_BT, axis=0)
+    rows = logical_to_spec(("activation_batch", "activation_length"), tokens_BT.shape, mesh)
+
+    def local(table, ids):
+        n = table.shape[0]
+        local_ids = ids - jax.lax.axis_index(vocab_axis) * n
+        hit = (local_ids >= 0) & (local_ids < n)
+        found = jnp.take(table, jnp.clip(local_ids, 0, n - 1), axis=0)
+        return jax.lax.psum(jnp.where(hit[..., None], found, jnp.zeros_like(found)), vocab_axis)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(vocab_axis, None), rows), out_specs=P(*rows, None),
+                         check_vma=False)(table_VD, tokens_BT)
 
 
 # ---- pure functions over a plain params pytree ----

@@ -23,11 +23,11 @@ from exprl_jax.models.decode_attention import PAGE_SIZE, SlotCache
 from exprl_jax.models.transformer import forward_with_cache, init_cache
 from exprl_jax.rollout.tokens import SamplingParams, sample_rows
 
-CACHE_AXES = ("activation_kv_heads", "activation_batch", "cache_length", None)  # SlotCache [K, S, L, H]
+CACHE_AXES = ("activation_batch", "cache_length", "activation_kv_heads", None)  # SlotCache.kv [S, L, 2K, H]
 
 
 class EngineState(NamedTuple):
-    caches: tuple  # per layer SlotCache [K, S, L, H]
+    caches: tuple  # per layer SlotCache, kv [S, L, 2K, H]
     row: jax.Array  # [S] int32: the row in each slot, -1 if free
     step: jax.Array  # [S] int32: response index of `token`
     length: jax.Array  # [S] int32: tokens written into the slot's cache
@@ -85,12 +85,9 @@ def insert(state: EngineState, prefilled, token_R, logprob_R, rows_R, slots_R, p
     with shd.use_mesh(mesh):
         caches, _, _ = prefilled
         P = caches[0].k.shape[1]
-
-        def put(slot_cache, new_RPKH):  # [K, S, L, H] <- [R, P, K, H] at (·, slots, :P, ·)
-            return slot_cache.at[:, slots_R, :P].set(new_RPKH.transpose(2, 0, 1, 3).astype(slot_cache.dtype),
-                                                     mode="drop")
-
-        new_caches = tuple(SlotCache(put(c.k, p.k), put(c.v, p.v)) for c, p in zip(state.caches, caches))
+        new_caches = tuple(  # kv [S, L, 2K, H] <- the prompts' [R, P, 2K, H] at (slots, :P)
+            SlotCache(c.kv.at[slots_R, :P].set(SlotCache.interleave(p.k, p.v).astype(c.kv.dtype), mode="drop"))
+            for c, p in zip(state.caches, caches))
         set_ = lambda x, v: x.at[slots_R].set(v, mode="drop")  # noqa: E731
         return _constrain_state(state._replace(
             caches=new_caches, row=set_(state.row, rows_R), step=set_(state.step, 0),
