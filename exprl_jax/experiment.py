@@ -111,10 +111,10 @@ class Experiment:
                 results["eval_start"] = distributed.from_primary(lambda: storage.read_json(start_eval_path))
         t0 = time.time()
         state = train_loop(self, state, start, runner, ckpt, logger)
-        runner.close()
         results["train_seconds"] = time.time() - t0
         if cfg.eval.at_end and self.eval_records:
             results["eval_end"] = self.evaluate(state.params, logger, step=cfg.train.steps, prefix="eval_end")
+        runner.close()  # after the last canaries: closing writes out the judge cache
         self._save_final(state.params)
         results["params_sha256"] = params_sha256(state.params)
         ckpt.close()

@@ -141,7 +141,7 @@ def _read_dtype(hf_config: dict[str, Any]) -> str:
 
 
 def load_hf(path, *, mesh: jax.sharding.Mesh | None = None, **overrides) -> tuple[ModelConfig, dict]:
-    """Reads a local HF model directory into (config, params).
+    """Reads a HF model directory (local, or gs://... through a temporary download) into (config, params).
 
     Any `ModelConfig` field can be overridden by keyword (`load_hf(path, attention_impl="chunked",
     scan_layers=True, logits_chunk=512, param_dtype="float32")`); the params come in the layout that config needs
@@ -151,10 +151,14 @@ def load_hf(path, *, mesh: jax.sharding.Mesh | None = None, **overrides) -> tupl
     (memory-mapped; with scan_layers, one parameter kind across all layers) and each goes straight to its device,
     or with a mesh to its `param_shardings` sharding, so the model is never whole in host memory nor on one device;
     with several processes each copies only the shards its own devices hold (`jax.make_array_from_callback`).
-    An object-store directory is downloaded to a temporary local one first.
     In a tied model a stored `lm_head.weight` is accepted only when equal to the embedding (some exporters write
     both); a different one raises, since dropping it would silently change the model.
     """
+    with storage.local_dir(path) as local:
+        return _load_local(local, mesh, overrides)
+
+
+def _load_local(path: str, mesh, overrides: dict) -> tuple[ModelConfig, dict]:
     with open(os.path.join(path, "config.json")) as f:
         hf_config = json.load(f)
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
