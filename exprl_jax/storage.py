@@ -69,8 +69,10 @@ def local_dir(path: PathLike, names: Sequence[str] | None = None):
 
 class AppendLog:
     """An append-only byte log. Locally: one file, each append written and flushed at once (a crash loses at
-    most the line being written). On an object store: `<name>` plus parts `<name>.part-000001`, ..., one per flush
-    (appends are buffered up to `buffer_s` seconds), compacted back into `<name>` after `max_parts` parts."""
+    most the line being written). On an object store, which cannot append: numbered objects `<name>.part-N` (one
+    per flush; appends are buffered up to `buffer_s` seconds) after the newest `<name>.base-M`, which holds
+    everything through number M. Compacting (every `max_parts` parts) and `rewrite` write a new base first and
+    delete what it replaces after, so a crash at any point leaves the log readable with no line twice."""
 
     def __init__(self, path: PathLike, *, buffer_s: float = 0.0, max_parts: int = 64):
         self.path = as_path(path)
@@ -80,19 +82,30 @@ class AppendLog:
         self._pending: list[bytes] = []
         self._pending_since = 0.0
 
-    def _parts(self) -> list[epath.Path]:
-        if not self.path.parent.exists():
-            return []
-        prefix = f"{self.path.name}.part-"
-        return sorted(p for p in self.path.parent.iterdir() if p.name.startswith(prefix))
+    def _objects(self) -> tuple[list[tuple[int, epath.Path]], list[tuple[int, epath.Path]]]:
+        """(bases, parts) of an object-store log as sorted (number, path) lists."""
+        found: dict[str, list] = {"base": [], "part": []}
+        if self.path.parent.exists():
+            for item in self.path.parent.iterdir():
+                kind, _, number = item.name.removeprefix(f"{self.path.name}.").partition("-")
+                if item.name.startswith(f"{self.path.name}.") and kind in found and number.isdigit():
+                    found[kind].append((int(number), item))
+        return sorted(found["base"]), sorted(found["part"])
+
+    def _live(self) -> list[epath.Path]:
+        """The objects that make up the log, in order: the newest base, then the parts after it."""
+        bases, parts = self._objects()
+        after = bases[-1][0] if bases else 0
+        return ([bases[-1][1]] if bases else []) + [p for n, p in parts if n > after]
 
     def exists(self) -> bool:
-        return self.path.exists() or (not self.local and bool(self._parts()))
+        return self.path.exists() if self.local else bool(self._live())
 
     def read(self) -> bytes:
         """The whole log, in write order (b"" when it does not exist yet)."""
-        base = self.path.read_bytes() if self.path.exists() else b""
-        return base + b"".join(p.read_bytes() for p in ([] if self.local else self._parts()))
+        if self.local:
+            return self.path.read_bytes() if self.path.exists() else b""
+        return b"".join(p.read_bytes() for p in self._live())
 
     def append(self, data: bytes) -> None:
         if self.local:
@@ -108,24 +121,35 @@ class AppendLog:
         if time.monotonic() - self._pending_since >= self.buffer_s:
             self.flush()
 
+    def _next_number(self) -> int:
+        return max((n for objects in self._objects() for n, _ in objects), default=0) + 1
+
     def flush(self) -> None:
         if self.local or not self._pending:
             return
-        parts = self._parts()
-        number = int(parts[-1].name.rsplit("-", 1)[1]) + 1 if parts else 1
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        number = self._next_number()
         self.path.with_name(f"{self.path.name}.part-{number:06d}").write_bytes(b"".join(self._pending))
         self._pending = []
-        if len(parts) + 1 >= self.max_parts:
-            self.rewrite(self.read())
+        if len(self._live()) > self.max_parts:
+            self._write_base(self.read())
 
     def rewrite(self, data: bytes) -> None:
         """Replaces the whole log with `data` (pending appends are dropped: flush first to keep them)."""
-        self._close_file()
         self._pending = []
-        write_bytes_atomic(self.path, data)
-        for part in ([] if self.local else self._parts()):
-            part.unlink()
+        if self.local:
+            self._close_file()
+            write_bytes_atomic(self.path, data)
+        else:
+            self._write_base(data)
+
+    def _write_base(self, data: bytes) -> None:
+        number = self._next_number()
+        self.path.with_name(f"{self.path.name}.base-{number:06d}").write_bytes(data)
+        bases, parts = self._objects()
+        for n, old in bases + parts:
+            if n < number:
+                old.unlink()
 
     def _close_file(self) -> None:
         if self._file is not None:

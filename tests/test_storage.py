@@ -59,17 +59,30 @@ def test_local_append_log_appends_reads_and_rewrites(tmp_path):
 
 
 def test_object_store_append_log_writes_parts_and_compacts(fake_gcs):
-    log = storage.AppendLog("gs://bucket/run/x.jsonl", max_parts=3)
+    log = storage.AppendLog("gs://bucket/run/x.jsonl", max_parts=2)
     for line in (b"1\n", b"2\n"):
         log.append(line)
     assert sorted(fake_gcs) == ["/bucket/run/x.jsonl.part-000001", "/bucket/run/x.jsonl.part-000002"]
     assert storage.AppendLog("gs://bucket/run/x.jsonl").read() == b"1\n2\n"
-    log.append(b"3\n")  # the third part: compacted into the base object
-    assert sorted(fake_gcs) == ["/bucket/run/x.jsonl"] and log.read() == b"1\n2\n3\n"
+    log.append(b"3\n")  # a third part: compacted into a base that holds everything through it
+    assert sorted(fake_gcs) == ["/bucket/run/x.jsonl.base-000004"] and log.read() == b"1\n2\n3\n"
     log.append(b"4\n")
     assert log.read() == b"1\n2\n3\n4\n"
     log.rewrite(b"1\n")
-    assert sorted(fake_gcs) == ["/bucket/run/x.jsonl"] and log.read() == b"1\n"
+    assert sorted(fake_gcs) == ["/bucket/run/x.jsonl.base-000006"] and log.read() == b"1\n"
+
+
+def test_object_store_log_survives_a_crash_inside_a_compaction(fake_gcs):
+    """A new base is written before what it replaces is deleted: objects left over by a crash in between are
+    ignored, so no line is read twice."""
+    log = storage.AppendLog("gs://bucket/x.jsonl")
+    log.append(b"1\n")
+    log.append(b"2\n")
+    # crashed after writing the base that replaces parts 1 and 2, before deleting them
+    storage.as_path("gs://bucket/x.jsonl.base-000003").write_bytes(b"1\n2\n")
+    assert storage.AppendLog("gs://bucket/x.jsonl").read() == b"1\n2\n"
+    log.append(b"3\n")
+    assert storage.AppendLog("gs://bucket/x.jsonl").read() == b"1\n2\n3\n"
 
 
 def test_object_store_appends_are_buffered_until_flush(fake_gcs):
