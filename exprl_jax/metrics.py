@@ -44,7 +44,7 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key.replace("@", "_at_"), value, step)  # TensorBoard rejects '@' 
+                    self._tb.add_scalar(key.replace("@", "_at_"), value, step)  # TensorBoard rejects '@'
         if console if console is not None else (self.console_every and step % self.console_every == 0):
             shown = {k: v for k, v in row.items() if k.split("/")[0] in ("loss", "reward", "kl")
                      or k.endswith(("pass@1", "canary/reward_mean", "response_length"))}

@@ -93,7 +93,8 @@ def _assert_same_run(got_dir, want_dir, launches: int = 1) -> dict:
     assert evals[0] == evals[1]
     # the judge was asked once per request: the cache holds exactly the lines of the one-process run (training
     # calls and the canaries), none twice
-    cache = [open(os.path.join(d, "judge_cache", "judge_answers.jsonl")).read().splitlines() for d in (got_dir, want_dir)]
+    cache = [open(os.path.join(d, "judge_cache", "judge_answers.jsonl")).read().splitlines()
+             for d in (got_dir, want_dir)]
     assert sorted(cache[0]) == sorted(cache[1]) and len(set(cache[0])) == len(cache[0])
     assert len(cache[0]) > sum(r["judge/calls"] for r in want) > 0
     assert len(os.listdir(os.path.join(got_dir, "tb"))) == launches  # one TensorBoard writer per launch

@@ -25,7 +25,7 @@ class FakeGCS(MemoryFileSystem):
     def _strip_protocol(cls, path):
         path = str(path)
         for prefix in ("gs://", "gcs://"):
-            path = path[len(prefix):] if path.startswith(prefix) else path
+            path = path.removeprefix(prefix)
         return "/" + path.strip("/")
 
     def _open(self, path, mode="rb", **kwargs):
