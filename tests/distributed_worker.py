@@ -54,8 +54,7 @@ host_params = jax.tree.map(lambda s: rng.standard_normal(s.value.shape).astype(n
                            is_leaf=lambda x: hasattr(x, "names"))
 params = jax.tree.map(distributed.global_array, host_params, shardings)
 assert not params["embed"].is_fully_addressable
-save_hf(out_dir, config, params)
-distributed.barrier("saved")
+save_hf(out_dir, config, params)  # complete for every process when it returns
 assert sorted(os.listdir(out_dir)) == ["config.json", "generation_config.json", "model.safetensors"]
 _, loaded = load_hf(out_dir, mesh=mesh)
 want_specs = {path: s.spec for path, s in jax.tree_util.tree_leaves_with_path(shardings)}

@@ -237,7 +237,7 @@ def save_hf(path, config: ModelConfig, params, *, max_shard_bytes: int | None = 
     Tensors are stored in `config.param_dtype`; over `max_shard_bytes` they are split into
     `model-0000i-of-0000n.safetensors` plus an index. Old model*.safetensors / index files in `path` are removed
     first, so a stale single file cannot shadow new shards. Only one shard is on the host at a time. With several
-    processes, every process must call it (each tensor is gathered in turn) and process 0 writes.
+    processes, every process must call it (each tensor is gathered in turn); process 0 writes.
     """
     hf_config = config.to_hf_config()  # first, so a config HF cannot express fails before any file is touched
     table = _tensor_table(config)
@@ -269,16 +269,17 @@ def save_hf(path, config: ModelConfig, params, *, max_shard_bytes: int | None = 
             _write_safetensors(tensors, path / file)
             weight_map.update({name: file for name in tensors})
         del hosts
-    if not writer:
-        return
-    if len(plan) > 1:
-        storage.write_json(path / INDEX_FILE, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map},
-                           indent=2)
-    storage.write_json(path / "config.json", hf_config, indent=2)
-    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config[k] is not None}
-    storage.write_json(path / "generation_config.json", generation, indent=2)
-    if tokenizer_dir is not None:
-        _copy_tokenizer(tokenizer_dir, path)
+    if writer:
+        if len(plan) > 1:
+            storage.write_json(path / INDEX_FILE, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map},
+                               indent=2)
+        storage.write_json(path / "config.json", hf_config, indent=2)
+        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                      if hf_config[k] is not None}
+        storage.write_json(path / "generation_config.json", generation, indent=2)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(tokenizer_dir, path)
+    distributed.barrier("save_hf")  # on return the checkpoint is complete, for every process
 
 
 def _write_safetensors(tensors: dict[str, np.ndarray], path) -> None:
