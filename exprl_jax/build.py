@@ -3,23 +3,24 @@ records, and small run-level utilities (parameter digest, asset paths, the XLA c
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import jax
 import numpy as np
 
 from exprl_jax import config as config_lib
+from exprl_jax import distributed, storage
 from exprl_jax.data import QARecord, load_gsm8k, load_math, read_jsonl
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.tokenizer import load_tokenizer, pad_id
 
 
 def params_sha256(params) -> str:
-    """Digest of every parameter's path, dtype, shape and bytes (host copy)."""
+    """Digest of every parameter's path, dtype, shape and bytes (host copy; with several processes every one
+    must call it, since shards on other processes are gathered)."""
     h = hashlib.sha256()
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda x: jax.tree_util.keystr(x[0])):
-        arr = np.asarray(jax.device_get(leaf))
+        arr = distributed.to_host(leaf)
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
@@ -30,8 +31,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def resolve_path(path: str) -> str:
     """A relative path that does not exist from the working directory is taken relative to the repository root,
-    so shipped assets (e.g. assets/testbed_base) are found from anywhere."""
-    if not path or os.path.isabs(path) or os.path.exists(path):
+    so shipped assets (e.g. assets/testbed_base) are found from anywhere. URLs (gs://...) are kept as given."""
+    if not path or not storage.is_local(path) or os.path.isabs(path) or os.path.exists(path):
         return path
     candidate = os.path.join(REPO_ROOT, path)
     return candidate if os.path.exists(candidate) else path
@@ -44,7 +45,9 @@ PRESETS = {"tiny": ModelConfig.tiny, "qwen3_0_6b": ModelConfig.qwen3_0_6b, "qwen
 def model_source(cfg: config_lib.ExperimentConfig) -> str:
     """The HF directory a run starts from ("" = a preset): init_checkpoint's final_hf, else hf_path."""
     m = cfg.model
-    return m.init_checkpoint and os.path.join(resolve_path(m.init_checkpoint), "final_hf") or resolve_path(m.hf_path)
+    if m.init_checkpoint:
+        return os.fspath(storage.as_path(resolve_path(m.init_checkpoint)) / "final_hf")
+    return resolve_path(m.hf_path)
 
 
 def model_config(cfg: config_lib.ExperimentConfig, tokenizer=None) -> ModelConfig:
@@ -55,8 +58,7 @@ def model_config(cfg: config_lib.ExperimentConfig, tokenizer=None) -> ModelConfi
                                          "logits_chunk")}
     source = model_source(cfg)
     if source:
-        with open(os.path.join(source, "config.json")) as f:
-            return ModelConfig.from_hf_config(json.load(f), **fields)
+        return ModelConfig.from_hf_config(storage.read_json(storage.as_path(source) / "config.json"), **fields)
     if m.preset not in PRESETS:
         raise ValueError(f"config.model.preset={m.preset!r}; expected one of {tuple(PRESETS)}")
     fields.update({k: getattr(m, k) for k in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -79,9 +81,12 @@ def build_model(cfg: config_lib.ExperimentConfig, mesh=None):
         overrides = {k: getattr(config, k) for k in ("param_dtype", "dtype", "attention_impl", "scan_layers",
                                                      "remat", "logits_chunk")}
         model_cfg, params = load_hf(source, mesh=mesh, **overrides)
-        tokenizer = load_tokenizer(source if os.path.isfile(os.path.join(source, "tokenizer.json"))
-                                   else cfg.model.tokenizer)
-        return model_cfg, params, tokenizer
+        if not (storage.as_path(source) / "tokenizer.json").exists():
+            return model_cfg, params, load_tokenizer(cfg.model.tokenizer)
+        from exprl_jax.models.hf import TOKENIZER_FILES
+
+        with storage.local_dir(source, names=TOKENIZER_FILES) as local:  # read whole: a download may then go
+            return model_cfg, params, load_tokenizer(local)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     model_cfg = model_config(cfg, tokenizer)
     if model_cfg.vocab_size < len(tokenizer):

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from exprl_jax import advantages as adv_lib
+from exprl_jax import distributed
 from exprl_jax import sharding as shd
 from exprl_jax.batching import batch_shards, minibatches, to_micro_batches
 from exprl_jax.data import QARecord
@@ -57,8 +58,8 @@ class StepRunner:
 
     def __init__(self, exp, update_fn):
         self.exp, self.cfg, self.update_fn = exp, exp.cfg, update_fn
-        self.reward_fn = None
-        if exp.spec.reward is not None:
+        self.reward_fn = None  # process 0 alone judges (every row) and shares the rewards; see `rl_step`
+        if exp.spec.reward is not None and distributed.is_primary():
             from exprl_jax.rewards.factory import make_reward_fn
 
             self.reward_fn = make_reward_fn(self.cfg, exp.workdir, exp.train_records)
@@ -85,12 +86,12 @@ class StepRunner:
         """Scores `rollouts` (host thread) while the device computes reference / teacher log-probs and, given
         `sample_next(params)`, samples the next step with the pre-update params (judge overlap). Then builds the
         batch and updates. Returns (state, metrics, next step's rollouts or None)."""
-        scoring = self._judge_pool.submit(self.score, rollouts)
+        scoring = self._judge_pool.submit(self.score, rollouts) if distributed.is_primary() else None
         t_device = time.time()
         ref_logprobs = self.reference_logprobs(rollouts)
         pending, sample_s = sample_next(state.params) if sample_next is not None else (None, 0.0)
         device_done = time.time()
-        scored = scoring.result()
+        scored = distributed.from_primary(lambda: scoring.result())  # every process: the same rewards
         judge_s, waited = scored[3], max(0.0, time.time() - device_done)
         batch, metrics = self.build_batch(rollouts, scored, ref_logprobs)
         t = time.time()

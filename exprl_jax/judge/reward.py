@@ -87,6 +87,11 @@ class JudgeReward:
         self.rubrics = {problem: format_rubric(list(items)) for problem, items in (rubrics or {}).items()}
         self._in_flight: dict[str, asyncio.Task] = {}  # request id → its running judge call
 
+    def close(self) -> None:
+        """Writes out the answer cache (on an object store its last puts are still buffered)."""
+        if self.cache is not None:
+            self.cache.close()
+
     async def score(self, batch: RewardBatch) -> RewardResult:
         """Judges every rollout (Outcome) or segment (Process) of the batch, concurrently; Overlong rollouts only
         with `judge_overlong` (Process)."""

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from exprl_jax import distributed
 from exprl_jax import sharding as shd
 from exprl_jax.batching import batch_shards, round_up
 from exprl_jax.models.config import ModelConfig
@@ -182,9 +183,9 @@ class Engine:
                 break
             state = decode(params, state, rng, jnp.int32(n - next_row), jnp.int32(self.refill_rows),
                            jnp.int32(self.max_steps_per_call), sampling=self.sampling, **statics)
-            free = [int(s) for s in np.flatnonzero(np.asarray(jax.device_get(state.row)) < 0)]
-        out = jax.device_get((state.out_tokens, state.out_logprobs, state.out_lengths, state.out_truncated,
-                              state.busy_slot_steps, state.slot_steps))
+            free = [int(s) for s in np.flatnonzero(distributed.to_host(state.row) < 0)]
+        out = [distributed.to_host(x) for x in (state.out_tokens, state.out_logprobs, state.out_lengths,
+                                                state.out_truncated, state.busy_slot_steps, state.slot_steps)]
         return tuple(np.asarray(x)[:n] for x in out[:4]) + (float(out[4]) / max(int(out[5]), 1),)
 
     def _refill(self, params, state, prompts, rng, rows, slots, width):
