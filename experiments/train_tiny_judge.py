@@ -1,4 +1,4 @@
-"""python experiments/train_tiny_judge.py --out=assets/tiny_judge [--steps=400]
+"""python experiments/train_tiny_judge.py --out=assets/tiny_judge [--steps=600]
 
 Makes the tiny judge that the CPU runs of the real-data configs serve with `python -m exprl_jax.serve`: the tiny
 character-level model, taught by SFT to answer the real `outcome` judge request in the rubric's format
@@ -47,7 +47,7 @@ def answer_text(score: int) -> str:
     return f"Reasoning: rule {score}.\nScore: {score}"
 
 
-def judge_records(records, tokenizer, seed: int = 0, noise_per_problem: int = 4) -> list[QARecord]:
+def judge_records(records, tokenizer, seed: int = 0, noise_per_problem: int = 8) -> list[QARecord]:
     """(judge prompt -> answer) records: per problem the reference, `noise_per_problem` random traces and an empty
     one, each rendered with the `outcome` template and then the judge tokenizer's chat template."""
     from exprl_jax.judge.templates import load_template
@@ -71,8 +71,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the HF directory to write (e.g. assets/tiny_judge)")
     parser.add_argument("--workdir", default="/tmp/tiny_judge_sft")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--problems", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--problems", type=int, default=512)
     args = parser.parse_args(argv)
 
     from exprl_jax.config import load_config
@@ -94,7 +94,7 @@ def main(argv=None):
     cfg = load_config(smoke, **{
         "name": "tiny_judge", "method": "sft", "data.source": "jsonl", "data.train_path": data_path,
         "data.prompt_template": "{problem}", "data.num_eval": 0, "train.steps": args.steps,
-        "train.batch_size": 16, "train.seq_len": seq_len, "train.save_every": 50, "optim.learning_rate": 3e-3, "optim.warmup_steps": 20,
+        "train.batch_size": 32, "train.seq_len": seq_len, "train.save_every": 50, "optim.learning_rate": 3e-3, "optim.warmup_steps": 20,
         "eval.at_start": False, "eval.at_end": False})
     Experiment(cfg, os.path.join(args.workdir, "run")).run()
     final = os.path.join(args.workdir, "run", "final_hf")

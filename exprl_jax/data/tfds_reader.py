@@ -70,6 +70,7 @@ def open_tfds(name: str, split: str, data_dir: str = "", *, build_if_missing: bo
 
             print(f"building {name} into {data_dir or 'the TFDS default folder'} (once)", flush=True)
             build(data_dir or builder.data_dir_root, [name.split("/", 1)[1]], shared_data, quiet=True)
+            builder = tfds.builder(name, data_dir=data_dir, file_format=exprl_qa.FILE_FORMAT)  # now with its splits
         splits = builder.info.splits
         if split.split("[")[0] not in splits:
             raise ValueError(f"{name} has no split {split!r}; it has {', '.join(sorted(splits))}")
