@@ -53,8 +53,9 @@ def interleave(position: int, proportions: Sequence[int]) -> tuple[int, int]:
 
     With total R, domain 0 owns ceil(k·p0/R) of the first k positions, so position k is its when that count
     steps up at k + 1; the positions it does not own form, in order, the sequence of the remaining domains with
-    total R − p0, where position k has rank floor(k·(R − p0)/R). Every domain's count among the first k positions
-    is therefore within 1 of k·p_d/R, and its draws are numbered 0, 1, 2, ... in position order.
+    total R − p0, where position k has rank floor(k·(R − p0)/R). Every domain d therefore owns exactly m·p_d of
+    the first m·R positions (and fewer than D, the number of domains, away from k·p_d/R in between), and its draws
+    are numbered 0, 1, 2, ... in position order. (grain's MapDataset.mix deals positions by the same rule.)
     """
     remaining, k = sum(proportions), position
     for d, p in enumerate(proportions):
