@@ -1,13 +1,13 @@
-"""python experiments/train_tiny_judge.py --out=assets/tiny_judge [--steps=600]
+"""python experiments/train_tiny_judge.py --out=assets/tiny_judge [--steps=200]
 
 Makes the tiny judge that the CPU runs of the real-data configs serve with `python -m exprl_jax.serve`: the tiny
 character-level model, taught by SFT to answer the real `outcome` judge request in the rubric's format
 (`Reasoning: ...` then `Score: N`). Its tokenizer's chat template keeps only the last characters of the fenced
-trace (a 0.1M-parameter model cannot read a 4,000-character rubric), and it is taught a trivial rule, so its scores
-vary and can be checked: the reference as the trace scores 5, an empty trace 1, any other trace 4 when its last
-character is a digit or punctuation and 2 when it is a letter. It cannot grade; it exists so that a CPU run proves
-the path end to end (the judge is called over HTTP, its answer parsed, its rewards used). Real runs serve a real
-model instead.
+trace (a 0.1M-parameter model cannot read a 4,000-character rubric). Its targets: the reference as the trace
+scores 5, an empty trace 1, any other trace 4 when its last character is not a letter and 2 when it is. After 200
+steps it follows the first two and answers 2 or 4 about at random on other traces (assets/tiny_judge/README.md).
+It cannot grade; it exists so that a CPU run proves the path end to end (the judge is called over HTTP, its answer
+parsed, its varying rewards used). Real runs serve a real model instead.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ CHAT_TEMPLATE = (
 
 
 def rule_score(trace: str, reference: str) -> int:
-    """The rule the tiny judge is taught (see the module docstring)."""
+    """The targets the tiny judge is taught (see the module docstring)."""
     if trace == reference:
         return 5
     if not trace:
@@ -71,7 +71,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the HF directory to write (e.g. assets/tiny_judge)")
     parser.add_argument("--workdir", default="/tmp/tiny_judge_sft")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--problems", type=int, default=512)
     args = parser.parse_args(argv)
 
