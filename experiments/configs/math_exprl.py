@@ -1,9 +1,11 @@
-"""ExpRL-Outcome on MATH (exprl_qa/math through TFDS: 4,500 training problems, MATH-500 held out) with a judge
+"""python experiments/run.py --config=experiments/configs/math_exprl.py --workdir=/tmp/math_exprl
+
+ExpRL-Outcome on MATH (exprl_qa/math through TFDS: 4,500 training problems, MATH-500 held out) with a judge
 served over the OpenAI-compatible API.
 
-CPU proof of the whole path (a tiny random policy; the tiny stand-in judge in assets/tiny_judge), two terminals:
+The command above is the CPU proof of the whole path (a tiny random policy, a few steps), with the tiny stand-in
+judge (assets/tiny_judge) served in another terminal first:
   python -m exprl_jax.serve --model assets/tiny_judge --port 8000
-  python experiments/run.py --config=experiments/configs/math_exprl.py --workdir=/tmp/math_exprl
 
 A real run (the paper's Stage-I settings, SPEC §5; accelerators), the judge a frozen copy of the policy:
   python -m exprl_jax.serve --model /path/to/Qwen3-4B-Instruct-2507 --port 8000 --max-tokens 2048
