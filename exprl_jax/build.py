@@ -90,11 +90,10 @@ def build_model(cfg: config_lib.ExperimentConfig, mesh=None):
     return model_cfg, None, tokenizer  # None: init_train_state creates the params already sharded
 
 
-def load_records(cfg: config_lib.ExperimentConfig, *, process_index: int = 0,
-                 process_count: int = 1) -> tuple[Sequence[QARecord], list[QARecord], dict]:
-    """(train records, eval records, data stats) of a config. TFDS training records are read lazily (the data
-    cursor reads only this process's rows); `data.filter_path` keeps the records a filter_hard.py result kept.
-    `process_index` / `process_count` are reserved for multi-process runs (the data cursor takes them)."""
+def load_records(cfg: config_lib.ExperimentConfig) -> tuple[Sequence[QARecord], list[QARecord], dict]:
+    """(train records, eval records, data stats) of a config. TFDS training records are read lazily, so the data
+    cursor (`data.records_at`, per process) reads only the rows it picks; `data.filter_path` keeps the records a
+    filter_hard.py result kept."""
     d = cfg.data
     stats: dict = {}
     if d.source == "toy_addition":
