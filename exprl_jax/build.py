@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -94,7 +95,10 @@ def build_model(cfg: config_lib.ExperimentConfig, mesh=None):
     return model_cfg, None, tokenizer  # None: init_train_state creates the params already sharded
 
 
-def load_records(cfg: config_lib.ExperimentConfig) -> tuple[list[QARecord], list[QARecord], dict]:
+def load_records(cfg: config_lib.ExperimentConfig) -> tuple[Sequence[QARecord], list[QARecord], dict]:
+    """(train records, eval records, data stats) of a config. TFDS training records are read lazily, so the data
+    cursor (`data.records_at`, per process) reads only the rows it picks; `data.filter_path` keeps the records a
+    filter_hard.py result kept."""
     d = cfg.data
     stats: dict = {}
     if d.source == "toy_addition":
@@ -104,27 +108,65 @@ def load_records(cfg: config_lib.ExperimentConfig) -> tuple[list[QARecord], list
     elif d.source in ("jsonl", "gsm8k", "math"):
         if not d.train_path:
             raise ValueError(f"config.data.train_path is required for data.source={d.source!r}")
-
-        def load(path):
-            if d.source == "gsm8k":
-                return load_gsm8k(path), {}
-            if d.source == "math":
-                from exprl_jax.rewards.answers import extract_answer
-
-                return load_math(path, extract_answer=extract_answer), {}
-            return read_jsonl(path, on_bad_row=d.on_bad_row)
-
-        train, stats = load(d.train_path)
-        evals = load(d.eval_path)[0] if d.eval_path else []
+        train, stats = _load_file(d, d.train_path)
+        evals = _load_file(d, d.eval_path)[0] if d.eval_path else []
     elif d.source == "testbed":
         from exprl_jax.tasks.testbed import testbed_records
 
         train, evals = testbed_records(cfg)
+    elif d.source == "tfds":
+        if not d.tfds_name:
+            raise ValueError("config.data.tfds_name is required for data.source='tfds' (e.g. 'exprl_qa/gsm8k')")
+        train = _open_tfds(d, d.tfds_name, d.tfds_train_split)
+        evals = (_load_file(d, d.eval_path)[0] if d.eval_path else
+                 _open_tfds(d, d.tfds_name, d.tfds_eval_split)[:d.num_eval] if d.tfds_eval_split else [])
+    elif d.source == "mixture":
+        from exprl_jax.data.mixture import Mixture, parse_weights
+
+        if not d.mixture or not d.domain_weights:
+            raise ValueError("data.source='mixture' needs config.data.mixture and config.data.domain_weights")
+        train = Mixture([_component(d, entry, d.tfds_train_split) for entry in d.mixture],
+                        parse_weights(d.domain_weights), names=d.mixture)
+        stats.update({f"data/domain_records/{k}": v for k, v in train.domain_counts().items()})
+        evals = _load_file(d, d.eval_path)[0] if d.eval_path else [
+            r for entry in d.eval_mixture for r in _component(d, entry, d.tfds_eval_split)[:d.num_eval]]
     else:
         raise ValueError(f"config.data.source={d.source!r} is not known")
+    if d.filter_path:
+        from exprl_jax.data.hard_filter import apply_filter
+
+        num_before = len(train)
+        train = apply_filter(train, resolve_path(d.filter_path))
+        stats.update({"data/filter_pool": num_before, "data/filter_kept": len(train)})
     if d.num_train:
-        train = train[:d.num_train]
-    return train, evals[:d.num_eval], stats
+        train = train.subset(lambda i, _: i < d.num_train) if hasattr(train, "subset") else train[:d.num_train]
+    return train, list(evals[:d.num_eval]), stats
+
+
+def _load_file(d, path: str):
+    if d.source == "gsm8k":
+        return load_gsm8k(path), {}
+    if d.source == "math":
+        from exprl_jax.rewards.answers import extract_answer
+
+        return load_math(path, extract_answer=extract_answer), {}
+    return read_jsonl(path, on_bad_row=d.on_bad_row)
+
+
+def _open_tfds(d, name: str, split: str):
+    from exprl_jax.data.tfds_reader import open_tfds
+
+    return open_tfds(name, split, resolve_path(d.tfds_data_dir), shared_data=d.shared_data or None)
+
+
+def _component(d, entry: str, default_split: str):
+    """One mixture entry's records: a JSONL file or a TFDS split."""
+    from exprl_jax.data.mixture import parse_component
+
+    kind, name, split = parse_component(entry)
+    if kind == "jsonl":
+        return read_jsonl(resolve_path(name), on_bad_row=d.on_bad_row)[0]
+    return _open_tfds(d, name, split or default_split)
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:

@@ -44,9 +44,20 @@ class MeshSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSection:
-    source: str = "toy_addition"  # "toy_addition", "jsonl", "gsm8k", "math"
+    source: str = "toy_addition"  # "toy_addition", "jsonl", "gsm8k", "math", "testbed", "tfds", "mixture"
     train_path: str = ""  # for jsonl / gsm8k / math
-    eval_path: str = ""
+    eval_path: str = ""  # also for tfds / mixture: a JSONL eval set instead of the TFDS one
+    tfds_name: str = ""  # source "tfds": e.g. "exprl_qa/gsm8k" (python -m exprl_jax.data.build_tfds)
+    tfds_data_dir: str = ""  # TFDS data folder ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets); an exprl_qa config
+    #                          not built there yet is built from the shared data folder first (nothing downloaded)
+    tfds_train_split: str = "train"  # TFDS split syntax, slicing allowed ("test[:2000]")
+    tfds_eval_split: str = "test"  # "" = no eval set
+    shared_data: str = ""  # the shared data folder for building exprl_qa ("" = $EXPRL_SHARED_DATA or ../shared/data)
+    mixture: tuple[str, ...] = ()  # source "mixture": TFDS names ("exprl_qa/minerva_math[test]"; default split
+    #                                tfds_train_split) and/or JSONL paths, pooled and drawn by domain_weights
+    eval_mixture: tuple[str, ...] = ()  # the mixture's eval sets, same syntax; num_eval records of each
+    domain_weights: tuple[str, ...] = ()  # "domain=weight" per domain of the mixture, e.g. ("math=0.6", "science=0.4")
+    filter_path: str = ""  # a filter_hard.py result (JSON): train only on the records it kept
     num_train: int = 0  # > 0: keep only the first n training records
     num_eval: int = 64
     on_bad_row: str = "error"  # or "skip" (skipped rows are counted in metrics)
@@ -123,6 +134,9 @@ class JudgeSection:
     cache: bool = True  # content-addressed answer cache under <workdir>/judge_cache
     use_reference: bool = True
     rubric_path: str = ""  # JSON of per-problem checkpoints built once (optional)
+    domain_templates: tuple[str, ...] = ()  # "domain=template set" added to judge.reward.DOMAIN_TEMPLATE_SETS
+    #                                         (math / testbed -> math, science -> science, code -> code); a record's
+    #                                         domain picks its judge template, and a domain without one is an error
     max_unscored_steps: int = 5  # stop after this many consecutive steps with nothing scored (0 = never)
 
 

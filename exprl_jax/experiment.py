@@ -20,7 +20,7 @@ from exprl_jax import distributed, storage
 from exprl_jax import sharding as shd
 from exprl_jax.build import build_model, load_records, params_sha256
 from exprl_jax.checkpoint import Checkpointer, abstract_like
-from exprl_jax.data import QARecord, step_indices
+from exprl_jax.data import QARecord, indices_at, records_at
 from exprl_jax.loop import train_loop
 from exprl_jax.metrics import MetricsLogger, truncate_metrics
 from exprl_jax.methods import METHOD_SPECS, batch_ndims, loss_mask_key, make_loss_fn
@@ -134,12 +134,11 @@ class Experiment:
 
     def records_at(self, step: int) -> list[QARecord]:
         """The records of step `step`: the data cursor is a pure function of (seed, step)."""
-        return [self.train_records[i] for i in step_indices(len(self.train_records), self._per_step(), step,
-                                                            self.cfg.seed, self.cfg.data.shuffle)]
+        return records_at(self.train_records, self._per_step(), step, self.cfg.seed, self.cfg.data.shuffle)
 
     def cursor(self, step: int) -> list[int]:
         """What a checkpoint records of the data cursor (the first record index of `step`), checked on resume."""
-        return step_indices(len(self.train_records), self._per_step(), step, self.cfg.seed, self.cfg.data.shuffle)[:1]
+        return indices_at(self.train_records, self._per_step(), step, self.cfg.seed, self.cfg.data.shuffle)[:1]
 
     def _per_step(self) -> int:
         return self.cfg.train.batch_size if self.cfg.method == "sft" else self.cfg.rollout.prompts_per_step

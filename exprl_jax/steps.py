@@ -158,7 +158,7 @@ class StepRunner:
         records = r.row_records()
         reward_batch = RewardBatch(problems=[x.problem for x in records], references=[x.reference for x in records],
                                    answers=[x.answer for x in records], responses=r.texts, truncated=r.truncated,
-                                   group_size=r.group_size, segments=segments)
+                                   group_size=r.group_size, segments=segments, domains=[x.domain for x in records])
         return score_sync(self.reward_fn, reward_batch), segments, correct, time.time() - t
 
     def build_batch(self, r: Rollouts, scored, ref_logprobs):
