@@ -25,12 +25,6 @@ from exprl_jax.build import enable_compilation_cache, load_records, model_source
 from exprl_jax.config import ExperimentConfig, from_dict  # noqa: E402
 from exprl_jax.data import hard_filter  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (its model and data sections).",
-                                          lock_config=True)
-_K = flags.DEFINE_integer("k", 64, "Samples per problem (the paper: 64).")
-_OUT_DIR = flags.DEFINE_string("out_dir", "filters", "Where the result file goes.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_CHUNK = flags.DEFINE_integer("chunk", 64, "Problems per sampling call.")
 
 
 def filter_hard(cfg: ExperimentConfig, *, k: int, out_dir: str, seed: int = 0, chunk: int = 64) -> tuple[str, dict]:
@@ -61,13 +55,20 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache()
-    cfg = from_dict(ExperimentConfig, _CONFIG.value.to_dict())
-    path, result = filter_hard(cfg, k=_K.value, out_dir=_OUT_DIR.value, seed=_SEED.value, chunk=_CHUNK.value)
+    args = flags.FLAGS
+    cfg = from_dict(ExperimentConfig, args.config.to_dict())
+    path, result = filter_hard(cfg, k=args.k, out_dir=args.out_dir, seed=args.seed, chunk=args.chunk)
     counts = list(result["pass_counts"].values())
     print(json.dumps({"problems": result["num_records"], "kept": result["num_kept"],
-                      "mean_pass_rate": sum(counts) / (len(counts) * _K.value) if counts else None}, indent=1))
+                      "mean_pass_rate": sum(counts) / (len(counts) * args.k) if counts else None}, indent=1))
     print(f"train on them with --config.data.filter_path={path}")
 
 
 if __name__ == "__main__":
+    # defined here, not at import: tests import filter_hard() next to other tools that define --config
+    config_flags.DEFINE_config_file("config", None, "Run config (its model and data sections).", lock_config=True)
+    flags.DEFINE_integer("k", 64, "Samples per problem (the paper: 64).")
+    flags.DEFINE_string("out_dir", "filters", "Where the result file goes.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("chunk", 64, "Problems per sampling call.")
     app.run(main)

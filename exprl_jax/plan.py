@@ -181,10 +181,10 @@ class StepPlan:
         engine = Engine(self.rollout_cfg, max_new_tokens=self.R, sampling=sampling, slots=slots, mesh=mesh)
         statics = dict(config=self.rollout_cfg, mesh=mesh)
         init = init_state.lower(slots=engine.slots, cache_len=engine.cache_len(self.P), rows=rows,
-                                max_new_tokens=self.R, pad_id=0, **statics).compile()
+                                max_new_tokens=self.R, pad_id=0, attention=engine.attention, **statics).compile()
         state = _abstract(jax.eval_shape(lambda: init_state(
             slots=engine.slots, cache_len=engine.cache_len(self.P), rows=rows, max_new_tokens=self.R, pad_id=0,
-            config=self.rollout_cfg, mesh=None)), init.output_shardings)
+            config=self.rollout_cfg, mesh=None, attention=engine.attention)), init.output_shardings)
         cache_bytes = per_chip_bytes(state.caches)
         resident = self.train_bytes + self.ref_bytes
         k = engine.refill_rows

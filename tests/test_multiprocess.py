@@ -79,7 +79,9 @@ def _assert_same_run(got_dir, want_dir, launches: int = 1) -> dict:
     for g, w in zip(got, want):
         assert {k: g[k] for k in REWARD_KEYS} == {k: w[k] for k in REWARD_KEYS}, g["step"]
         for key in CLOSE_KEYS:
-            np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-7 if key == "loss/total" else 0,
+            # loss and KL are fp32 means over tokens whose per-device partial sums are combined in another
+            # order with two processes: ~1e-8 absolute on values of ~5e-4 (seen: kl/ref 8.3e-9, 1.6e-5 relative)
+            np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=0 if key == "grad/norm" else 1e-7,
                                        err_msg=f"step {g['step']} {key}")
             worst[key] = max(worst.get(key, 0.0), abs(g[key] - w[key]) / abs(w[key]))
     assert any(r["reward/std"] > 0 for r in want)  # the rewards carry signal: the updates are not trivial

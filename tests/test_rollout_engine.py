@@ -8,7 +8,7 @@ import pytest
 from conftest import random_params
 from exprl_jax import sharding as shd
 from exprl_jax.models.config import ModelConfig
-from exprl_jax.models.decode_attention import SlotCache, decode_attention
+from exprl_jax.models.decode_attention import PagedSlotCache, SlotCache, decode_attention
 from exprl_jax.rollout.engine import Engine, EngineState, decode, init_state
 from exprl_jax.rollout.tokens import SamplingParams
 from exprl_jax.sampling import generate, generate_fixed_batch
@@ -120,11 +120,10 @@ def test_decode_attention_matches_a_numpy_reference():
     rng = np.random.default_rng(3)
     K, S, L, H, N = 2, 5, 40, 8, 6
     k, v = rng.normal(size=(2, S, L, K, H))
-    cache = SlotCache(SlotCache.interleave(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32)))
-    assert np.array_equal(np.asarray(cache.kv[:, :, 2]), k[:, :, 1].astype(np.float32))  # head 1's key at 2
+    cache = SlotCache(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32))
     q = jnp.asarray(rng.normal(size=(S, 1, N, H)), jnp.float32)
     lengths = np.array([1, 7, 16, 17, 40])
-    out = np.asarray(decode_attention(q, cache, jnp.asarray(lengths), block_kv=8, impl="jnp"))
+    out = np.asarray(decode_attention(q, cache, jnp.asarray(lengths), block_kv=8))
     qn = np.asarray(q, np.float64)
     for s in range(S):
         for n in range(N):
@@ -138,7 +137,10 @@ def test_engine_state_shards_slots_over_the_batch_axes():
     mesh = shd.make_mesh((2, 2, 2))
     state = init_state(config=CFG, slots=8, cache_len=128, rows=3, max_new_tokens=4, pad_id=0, mesh=mesh)
     assert isinstance(state, EngineState)
-    assert state.caches[0].kv.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+    assert state.caches[0].k.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+    paged = init_state(config=CFG, slots=8, cache_len=128, rows=3, max_new_tokens=4, pad_id=0, mesh=mesh,
+                       attention="paged")
+    assert paged.caches[0].kv.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
 
 
 def test_the_tpu_paged_kernel_path_agrees_with_the_jnp_decode_attention():
@@ -151,9 +153,29 @@ def test_the_tpu_paged_kernel_path_agrees_with_the_jnp_decode_attention():
 
     rng = np.random.default_rng(0)
     K, S, L, H, N = 2, 4, 256, 128, 8
-    cache = SlotCache(jnp.asarray(rng.normal(size=(S, L, 2 * K, H)), jnp.float32))
+    k, v = (jnp.asarray(x, jnp.float32) for x in rng.normal(size=(2, S, L, K, H)))
+    cache = PagedSlotCache(PagedSlotCache.interleave(k, v))
+    assert np.array_equal(np.asarray(cache.kv[:, :, 2]), np.asarray(k[:, :, 1]))  # head 1's key at 2, value at 3
+    assert np.array_equal(np.asarray(cache.kv[:, :, 3]), np.asarray(v[:, :, 1]))
     q = jnp.asarray(rng.normal(size=(S, 1, N, H)), jnp.float32)
     lengths = jnp.asarray([1, 130, 256, 7])
-    want = np.asarray(decode_attention(q, cache, lengths, impl="jnp", block_kv=64))
+    want = np.asarray(decode_attention(q, SlotCache(k, v), lengths, block_kv=64))
     got = np.asarray(_paged(q, cache, lengths, kernel=ref_ragged_paged_attention))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_both_cache_layouts_hold_the_same_keys_and_values_after_put_and_write():
+    rng = np.random.default_rng(5)
+    K, S, L, H, P = 2, 3, 16, 4, 5
+    k_RPKH, v_RPKH = (jnp.asarray(x, jnp.float32) for x in rng.normal(size=(2, 2, P, K, H)))
+    k_S1KH, v_S1KH = (jnp.asarray(x, jnp.float32) for x in rng.normal(size=(2, S, 1, K, H)))
+    slots, positions = jnp.asarray([2, S]), jnp.asarray([5, 9, 15])  # row 1 goes to slot S: dropped
+    split = SlotCache.zeros(K, S, L, H, jnp.float32).put(slots, k_RPKH, v_RPKH).write(k_S1KH, v_S1KH, positions)
+    paged = PagedSlotCache.zeros(K, S, L, H, jnp.float32).put(slots, k_RPKH, v_RPKH).write(k_S1KH, v_S1KH,
+                                                                                           positions)
+    assert np.array_equal(np.asarray(paged.kv[:, :, 0::2]), np.asarray(split.k))
+    assert np.array_equal(np.asarray(paged.kv[:, :, 1::2]), np.asarray(split.v))
+    want_k = np.zeros((S, L, K, H), np.float32)
+    want_k[2, :P] = k_RPKH[0]
+    want_k[np.arange(S), np.asarray(positions)] = np.asarray(k_S1KH[:, 0])
+    assert np.array_equal(np.asarray(split.k), want_k)

@@ -2,10 +2,15 @@
 length, so rows can finish and be refilled independently (continuous batching, exprl_jax/rollout/engine.py).
 
 A slot holds its sequence from position 0 (the prompt left-aligned, then the generated tokens), so a token's cache
-position is its RoPE position and the valid keys of a row are exactly [0, length). Layout [S, L, 2K, H]: slot-major
-(one token's keys and values are one contiguous write, so the update stays in place inside the decode loop), with
-each kv head's key and value interleaved on the third axis: as pages of `PAGE_SIZE` positions this is the layout of
-the TPU ragged paged-attention kernel, whose block table is then just arange.
+position is its RoPE position and the valid keys of a row are exactly [0, length). Two layouts, one per attention
+implementation, both slot-major (one token's write is contiguous, so it stays in place inside the decode loop):
+
+- `SlotCache` (the "jnp" blockwise attention, any backend): keys and values in two arrays [S, L, K, H], read
+  directly by the attention einsums.
+- `PagedSlotCache` (the Pallas TPU ragged paged-attention kernel): one array [S, L, 2K, H] with each kv head's key
+  and value interleaved on the third axis; as pages of `PAGE_SIZE` positions this is the kernel's layout, whose
+  block table is then just arange. Read by any other code, the interleaved halves are strided copies: on XLA:CPU
+  that made a decode step ~1.6x slower, hence the two layouts (same bytes).
 """
 from __future__ import annotations
 
@@ -16,14 +21,37 @@ import jax.numpy as jnp
 import numpy as np
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a masked score never makes a NaN
-PAGE_SIZE = 128  # positions per page of the TPU kernel (the cache length is a multiple of it)
+PAGE_SIZE = 128  # positions per page of the TPU kernel (its cache length is a multiple of it)
+DECODE_IMPLS = ("auto", "jnp", "paged")
 
 
 class SlotCache(NamedTuple):
-    kv: jax.Array  # [S, L, 2K, H]: slots, positions, (key, value) of each kv head, head dim
+    k: jax.Array  # [S, L, K, H]: slots, positions, kv heads, head dim
+    v: jax.Array  # [S, L, K, H]
 
     @classmethod
     def zeros(cls, num_kv_heads: int, slots: int, length: int, head_dim: int, dtype) -> "SlotCache":
+        shape = (slots, length, num_kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def write(self, k_S1KH, v_S1KH, positions_S) -> "SlotCache":
+        """Each slot's new key / value at its own position (one token per slot)."""
+        slots = jnp.arange(k_S1KH.shape[0])
+        return SlotCache(self.k.at[slots, positions_S].set(k_S1KH[:, 0].astype(self.k.dtype), mode="drop"),
+                         self.v.at[slots, positions_S].set(v_S1KH[:, 0].astype(self.v.dtype), mode="drop"))
+
+    def put(self, slots_R, k_RPKH, v_RPKH) -> "SlotCache":
+        """Prefilled rows' [R, P, K, H] keys / values at positions [0, P) of `slots_R` (an index >= S: dropped)."""
+        P = k_RPKH.shape[1]
+        return SlotCache(self.k.at[slots_R, :P].set(k_RPKH.astype(self.k.dtype), mode="drop"),
+                         self.v.at[slots_R, :P].set(v_RPKH.astype(self.v.dtype), mode="drop"))
+
+
+class PagedSlotCache(NamedTuple):
+    kv: jax.Array  # [S, L, 2K, H]: slots, positions, (key, value) of each kv head, head dim
+
+    @classmethod
+    def zeros(cls, num_kv_heads: int, slots: int, length: int, head_dim: int, dtype) -> "PagedSlotCache":
         return cls(jnp.zeros((slots, length, 2 * num_kv_heads, head_dim), dtype))
 
     @staticmethod
@@ -32,31 +60,52 @@ class SlotCache(NamedTuple):
         B, T, K, H = k_BTKH.shape
         return jnp.stack([k_BTKH, v_BTKH], axis=3).reshape(B, T, 2 * K, H)
 
-    def write(self, k_S1KH, v_S1KH, positions_S) -> "SlotCache":
-        """Each slot's new key / value at its own position (one token per slot)."""
+    def write(self, k_S1KH, v_S1KH, positions_S) -> "PagedSlotCache":
         new = self.interleave(k_S1KH, v_S1KH)[:, 0].astype(self.kv.dtype)  # [S, 2K, H]
-        return SlotCache(self.kv.at[jnp.arange(new.shape[0]), positions_S].set(new, mode="drop"))
+        return PagedSlotCache(self.kv.at[jnp.arange(new.shape[0]), positions_S].set(new, mode="drop"))
+
+    def put(self, slots_R, k_RPKH, v_RPKH) -> "PagedSlotCache":
+        P = k_RPKH.shape[1]
+        new = self.interleave(k_RPKH, v_RPKH).astype(self.kv.dtype)
+        return PagedSlotCache(self.kv.at[slots_R, :P].set(new, mode="drop"))
 
 
-def decode_attention(q_S1NH, cache: SlotCache, lengths_S, *, block_kv: int = 512, impl: str = "auto"):
+def resolve_impl(impl: str, head_dim: int, platform: str) -> str:
+    """"auto" -> "paged" on TPU when the head dim is a multiple of 128 (the kernel tiles it by the 128-wide
+    lanes), else "jnp"."""
+    if impl not in DECODE_IMPLS:
+        raise ValueError(f"decode attention impl {impl!r} is not one of {DECODE_IMPLS}")
+    if impl == "auto":
+        return "paged" if platform == "tpu" and head_dim % 128 == 0 else "jnp"
+    return impl
+
+
+def cache_type(impl: str):
+    """The cache layout of a resolved implementation."""
+    return PagedSlotCache if impl == "paged" else SlotCache
+
+
+def cache_length(impl: str, positions: int) -> int:
+    """Positions per slot: whole pages for the TPU kernel, a multiple of 16 otherwise."""
+    multiple = PAGE_SIZE if impl == "paged" else 16
+    return -(-positions // multiple) * multiple
+
+
+def decode_attention(q_S1NH, cache: SlotCache | PagedSlotCache, lengths_S, *, block_kv: int = 512):
     """One query per slot over its keys [0, lengths[s]) -> [S, 1, N, H]. Query head n uses kv head n // (N // K).
 
-    "jnp" (any backend): blocks of `block_kv` positions, up to the longest row's length (a fixed block grid, so a
-    row's result does not depend on the other rows: a block of masked keys changes no running sum). "paged": the
-    Pallas TPU ragged paged-attention kernel, whose cost follows each row's own length. "auto": paged on TPU when
-    the head dim is a multiple of 128, else jnp."""
-    if impl == "auto":  # the kernel tiles the head dim by the 128-wide TPU lanes
-        from exprl_jax.models.attention import _platform
-
-        impl = "paged" if _platform() == "tpu" and q_S1NH.shape[-1] % 128 == 0 else "jnp"
-    if impl == "paged":
+    The implementation follows the cache's layout. `SlotCache`: blocks of `block_kv` positions in plain jnp, up to
+    the longest row's length (a fixed block grid, so a row's result does not depend on the other rows: a block of
+    masked keys changes no running sum). `PagedSlotCache`: the Pallas TPU ragged paged-attention kernel, whose cost
+    follows each row's own length."""
+    if isinstance(cache, PagedSlotCache):
         return _paged(q_S1NH, cache, lengths_S)
     return _blockwise(q_S1NH, cache, lengths_S, block_kv)
 
 
 def _blockwise(q_S1NH, cache: SlotCache, lengths_S, block_kv: int):
     S, _, N, H = q_S1NH.shape
-    L, K = cache.kv.shape[1], cache.kv.shape[2] // 2
+    L, K = cache.k.shape[1], cache.k.shape[2]
     bk = min(block_kv, L)
     nk = -(-L // bk)
     dt = q_S1NH.dtype
@@ -65,8 +114,8 @@ def _blockwise(q_S1NH, cache: SlotCache, lengths_S, block_kv: int):
     def block(j, state):
         m, l, acc = state
         start = jnp.minimum(j * bk, L - bk)  # the last block is clamped to end at L; `fresh` drops its overlap
-        kv_blk = jax.lax.dynamic_slice_in_dim(cache.kv, start, bk, 1).astype(dt)  # [S, bk, 2K, H]
-        k_blk, v_blk = kv_blk[:, :, 0::2], kv_blk[:, :, 1::2]
+        k_blk = jax.lax.dynamic_slice_in_dim(cache.k, start, bk, 1).astype(dt)  # [S, bk, K, H]
+        v_blk = jax.lax.dynamic_slice_in_dim(cache.v, start, bk, 1).astype(dt)
         pos = start + jnp.arange(bk)
         mask = (pos[None, :] < lengths_S[:, None]) & (pos >= j * bk)[None, :]  # [S, bk]
         s = jnp.einsum("SKGH,STKH->SKGT", q, k_blk, preferred_element_type=jnp.float32) * H ** -0.5
@@ -85,7 +134,7 @@ def _blockwise(q_S1NH, cache: SlotCache, lengths_S, block_kv: int):
     return out.astype(dt).reshape(S, 1, N, H)
 
 
-def _paged(q_S1NH, cache: SlotCache, lengths_S, kernel=None):
+def _paged(q_S1NH, cache: PagedSlotCache, lengths_S, kernel=None):
     """The Pallas TPU ragged paged-attention kernel: slot s owns pages [s·P, (s+1)·P) of its shard, one query each.
     `kernel` replaces it (e.g. JAX's `ref_ragged_paged_attention`, to check these arguments off a TPU: the kernel
     has no CPU interpret mode)."""

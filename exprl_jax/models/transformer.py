@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from exprl_jax.models.attention import attend
 from exprl_jax.models.config import ModelConfig
-from exprl_jax.models.decode_attention import SlotCache, decode_attention
+from exprl_jax.models.decode_attention import PagedSlotCache, SlotCache, decode_attention
 from exprl_jax.models.head import head_matrix, logits_of, token_logprobs_entropy
 from exprl_jax.sharding import active_mesh, constrain, logical_to_spec
 
@@ -84,10 +84,9 @@ class Attention(nn.Module):
         k = rope(k, positions, cfg.rope_theta)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
-        if isinstance(cache, SlotCache):  # rollout engine: one token per slot, each at its own position
+        if isinstance(cache, (SlotCache, PagedSlotCache)):  # rollout engine: one token per slot at its own position
             cache = cache.write(k, v, positions[:, 0])
-            out = decode_attention(q, cache, positions[:, 0] + 1, block_kv=cfg.attention_block_kv,
-                                   impl=cfg.decode_attention_impl)
+            out = decode_attention(q, cache, positions[:, 0] + 1, block_kv=cfg.attention_block_kv)
             return self._output(out.reshape(B * T, N, H), wo, B, T), cache
         if cache is not None:  # write this chunk at [cache_index, cache_index + T), attend over the whole cache
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
@@ -292,7 +291,7 @@ def forward_with_cache(config: ModelConfig, params, tokens, positions, caches, c
                        logits_at=None):
     """Runs tokens [B, T] against `caches`. With per-layer `LayerCache`s they sit at cache slots
     [cache_index, cache_index + T) and `kv_valid` [B, S] marks real tokens in the cache *including* this chunk;
-    with `SlotCache`s (the rollout engine, T = 1) each row's token sits at its own position and `cache_index` /
+    with `SlotCache`s or `PagedSlotCache`s (the rollout engine, T = 1) each row's token sits at its own position and `cache_index` /
     `kv_valid` are unused. Returns (float32 logits [B, T, V], or [B, V] at position `logits_at` (an int or one
     index per row) when given, and the updated caches)."""
     config, params = decode_layout(config, params)

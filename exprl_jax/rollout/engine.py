@@ -20,15 +20,15 @@ from exprl_jax import distributed
 from exprl_jax import sharding as shd
 from exprl_jax.batching import batch_shards, round_up
 from exprl_jax.models.config import ModelConfig
-from exprl_jax.models.decode_attention import PAGE_SIZE, SlotCache
+from exprl_jax.models import decode_attention as da
 from exprl_jax.models.transformer import forward_with_cache, init_cache
 from exprl_jax.rollout.tokens import SamplingParams, sample_rows
 
-CACHE_AXES = ("activation_batch", "cache_length", "activation_kv_heads", None)  # SlotCache.kv [S, L, 2K, H]
+CACHE_AXES = ("activation_batch", "cache_length", "activation_kv_heads", None)  # [S, L, K, H] or [S, L, 2K, H]
 
 
 class EngineState(NamedTuple):
-    caches: tuple  # per layer SlotCache, kv [S, L, 2K, H]
+    caches: tuple  # per layer SlotCache (k, v [S, L, K, H]) or PagedSlotCache (kv [S, L, 2K, H])
     row: jax.Array  # [S] int32: the row in each slot, -1 if free
     step: jax.Array  # [S] int32: response index of `token`
     length: jax.Array  # [S] int32: tokens written into the slot's cache
@@ -50,11 +50,13 @@ def _constrain_state(state: EngineState) -> EngineState:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "slots", "cache_len", "rows", "max_new_tokens", "pad_id",
-                                             "mesh"))
+                                             "mesh", "attention"))
 def init_state(*, config: ModelConfig, slots: int, cache_len: int, rows: int, max_new_tokens: int, pad_id: int,
-               mesh) -> EngineState:
+               mesh, attention: str = "jnp") -> EngineState:
+    """`attention`: the resolved decode attention ("jnp" or "paged"), which fixes the cache layout."""
     with shd.use_mesh(mesh):
-        caches = tuple(SlotCache.zeros(config.num_kv_heads, slots, cache_len, config.head_dim, config.jnp_dtype)
+        layout = da.cache_type(attention)
+        caches = tuple(layout.zeros(config.num_kv_heads, slots, cache_len, config.head_dim, config.jnp_dtype)
                        for _ in range(config.num_layers))
         zeros = jnp.zeros((slots,), jnp.int32)
         rows_axis = ("activation_batch", None)  # outputs by row, split like the slots (rows is padded to match)
@@ -85,10 +87,7 @@ def insert(state: EngineState, prefilled, token_R, logprob_R, rows_R, slots_R, p
     """Puts prefilled rows into slots (a slot index >= S marks a padding row: dropped)."""
     with shd.use_mesh(mesh):
         caches, _, _ = prefilled
-        P = caches[0].k.shape[1]
-        new_caches = tuple(  # kv [S, L, 2K, H] <- the prompts' [R, P, 2K, H] at (slots, :P)
-            SlotCache(c.kv.at[slots_R, :P].set(SlotCache.interleave(p.k, p.v).astype(c.kv.dtype), mode="drop"))
-            for c, p in zip(state.caches, caches))
+        new_caches = tuple(c.put(slots_R, p.k, p.v) for c, p in zip(state.caches, caches))  # at (slots, :P)
         set_ = lambda x, v: x.at[slots_R].set(v, mode="drop")  # noqa: E731
         return _constrain_state(state._replace(
             caches=new_caches, row=set_(state.row, rows_R), step=set_(state.step, 0),
@@ -153,10 +152,12 @@ class Engine:
         self.slots = round_up(slots, shards)
         self.refill_rows = round_up(min(refill_rows or max(1, self.slots // 4), self.slots), shards)
         self.max_steps_per_call = max_steps_per_call
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        self.attention = da.resolve_impl(config.decode_attention_impl, config.head_dim, platform)
 
     def cache_len(self, prompt_width: int) -> int:
-        """Cache positions per slot: the prompt area + the response, in whole pages of the TPU kernel."""
-        return round_up(prompt_width + self.max_new_tokens, PAGE_SIZE)
+        """Cache positions per slot: the prompt area + the response (whole pages of the TPU kernel)."""
+        return da.cache_length(self.attention, prompt_width + self.max_new_tokens)
 
     def run(self, params, prompts: Sequence[Sequence[int]], rng, *, prompt_width: int,
             order: Sequence[int] | None = None) -> tuple:
@@ -171,7 +172,7 @@ class Engine:
         statics = dict(config=self.config, mesh=self.mesh)
         state = init_state(slots=self.slots, cache_len=self.cache_len(prompt_width),
                            rows=round_up(n, batch_shards(self.mesh)), max_new_tokens=self.max_new_tokens,
-                           pad_id=self.sampling.pad_id, **statics)
+                           pad_id=self.sampling.pad_id, attention=self.attention, **statics)
         next_row, free = 0, list(range(self.slots))
         while True:
             while next_row < n and free:
