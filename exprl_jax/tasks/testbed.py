@@ -264,6 +264,7 @@ def _base_correct_counts(hf_dir: str, pool, key: dict, answer_style: str, chunk:
     import jax
 
     from exprl_jax.config import RolloutSection
+    from exprl_jax.metrics import report_progress
     from exprl_jax.models.hf import load_hf
     from exprl_jax.rewards.answers import check_answers, extract_answer
     from exprl_jax.rollouts import sample_rollouts
@@ -282,6 +283,5 @@ def _base_correct_counts(hf_dir: str, pool, key: dict, answer_style: str, chunk:
                                [x.answer for x in r.row_records()])
         ok = np.array([c.correct for c in checks]) & ~r.truncated
         counts += ok.reshape(len(part), key["samples"]).sum(axis=1).tolist()
-        print(f"testbed filter: {start + len(part)}/{len(pool)} problems sampled ({time.time() - t0:.0f}s)",
-              flush=True)
+        report_progress("testbed filter", start + len(part), len(pool), "problems sampled", t0)
     return counts
