@@ -82,3 +82,26 @@ def test_compare_runs_at_toy_size_and_writes_json(tmp_path):
         assert runs["jax:rl"][0]["response_length_mean"] == rl["new_tokens"]
         assert runs["torch:rl"][0]["completion_tokens"] == rl["new_tokens"]
         assert len(runs["torch:rl"][0]["step_s"]) == rl["steps"]
+
+
+def test_ignore_eos_samples_exactly_max_new_tokens():
+    """rollout.ignore_eos (the knob behind "exactly R new tokens"): with every token an EOS id, rollouts stop after
+    one token, unless EOS is ignored; then every row has max_new_tokens tokens and counts as truncated."""
+    import jax
+    from conftest import random_params
+
+    from exprl_jax.config import RolloutSection
+    from exprl_jax.data import QARecord
+    from exprl_jax.models.config import ModelConfig
+    from exprl_jax.rollouts import sample_rollouts
+
+    cfg = ModelConfig.tiny()
+    params, tokenizer = random_params(cfg), compare.tokenizer_of_size(cfg.vocab_size)
+    records = [QARecord(id="a", problem="1+2", reference="3", answer="3")]
+    every_token = tuple(range(cfg.vocab_size))
+    for ignore, length in ((False, 1), (True, 6)):
+        r = sample_rollouts(cfg, params, tokenizer, records, jax.random.key(0), template="{problem}\n",
+                            rollout_cfg=RolloutSection(group_size=3, max_new_tokens=6, ignore_eos=ignore),
+                            eos=every_token, pad=0)
+        assert r.lengths.tolist() == [length] * 3
+        assert r.truncated.tolist() == [ignore] * 3
