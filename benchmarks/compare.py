@@ -38,9 +38,9 @@ sys.path.insert(0, ROOT)
 # exactly `new_tokens` new tokens. `steps` timed repeats per process after `warmup` untimed ones.
 WORKLOADS = {
     "bench": dict(
-        train=dict(rows=16, prompt_len=16, response_len=240, kl_coef=0.04, lr=1e-6, warmup=2, steps=8),
-        sample=dict(prompts=32, prompt_len=16, new_tokens=128, var_new_tokens=256, var_eos=8, warmup=1, steps=5),
-        rl=dict(prompts=4, prompt_len=16, group=8, new_tokens=128, beta=0.04, lr=1e-6, warmup=2, steps=6)),
+        train=dict(rows=16, prompt_len=16, response_len=240, kl_coef=0.04, lr=1e-6, warmup=2, steps=6),
+        sample=dict(prompts=32, prompt_len=16, new_tokens=128, var_new_tokens=256, var_eos=8, warmup=1, steps=3),
+        rl=dict(prompts=4, prompt_len=16, group=8, new_tokens=128, beta=0.04, lr=1e-6, warmup=2, steps=5)),
     "qwen3_0_6b_shape": dict(
         train=dict(rows=4, prompt_len=16, response_len=240, kl_coef=0.04, lr=1e-6, warmup=1, steps=3),
         sample=dict(prompts=8, prompt_len=16, new_tokens=64, var_new_tokens=256, var_eos=3000, warmup=1, steps=2),
