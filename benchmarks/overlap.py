@@ -7,8 +7,8 @@ The run is the embedded default (experiments/configs/default.py: ExpRL-Outcome o
 base, whose rollouts end with EOS and so all reach the judge), with a smaller step (--prompts x --group) and an
 OpenAI-compatible judge server on this machine that answers every request after a fixed delay. "device" is the
 step's device work as measured in the same run (sampling + reference log-probs + update; the no-delay baseline's
-is printed too); "judge" is the scoring wall time per step (all requests in flight at once, plus the answer check). The claim under test: with
-overlap, a step takes at most 1.1 x max(device, judge).
+is printed too); "judge" is the scoring wall time per step (all requests in flight at once, plus the answer
+check). The claim under test: with overlap, a step takes at most 1.1 x max(device, judge).
 """
 from __future__ import annotations
 
@@ -59,9 +59,10 @@ def run(url: str, overlap: bool, args) -> dict:
 def table(base: dict, rows: list[dict]) -> tuple[str, float]:
     """The printed table and the worst overlap step / max(device, judge). "device" is each run's own device work
     per step (the machine is shared, so it drifts between runs); the no-delay baseline's is shown for reference."""
-    lines = [f"device work per step without judge delay: {base['device_s']:.2f} s (sampling {base['time/sample_s']:.2f}, "
-             f"reference {base['time/device_while_judging_s']:.2f}, update {base['time/update_s']:.2f})",
-             f"| delay/device | overlap | device s | judge s | step s | max(d, j) | d + j | step / max | judge hidden |",
+    lines = [f"device work per step without judge delay: {base['device_s']:.2f} s (sampling "
+             f"{base['time/sample_s']:.2f}, reference {base['time/device_while_judging_s']:.2f}, update "
+             f"{base['time/update_s']:.2f})",
+             "| delay/device | overlap | device s | judge s | step s | max(d, j) | d + j | step / max | judge hidden |",
              "|---|---|---|---|---|---|---|---|---|"]
     worst = 0.0
     for r in rows:
