@@ -1,7 +1,7 @@
 """Does `judge.overlap` hide the judge? Step time against max(device, judge) and device + judge, with the judge's
 latency swept from 0.25x to 4x the device time of a step, overlap off and on (alternated).
 
-  python benchmarks/overlap.py [--factors 0.25,0.5,1,2,4] [--steps 7] [--out overlap.json]
+  python benchmarks/overlap.py [--factors 0.25,0.5,1,2,4] [--steps 5] [--out overlap.json]
 
 The run is the embedded default (experiments/configs/default.py: ExpRL-Outcome on the CPU testbed from the shipped
 base, whose rollouts end with EOS and so all reach the judge), with a smaller step (--prompts x --group) and an
@@ -81,8 +81,8 @@ def table(base: dict, rows: list[dict]) -> tuple[str, float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--factors", default="0.25,0.5,1,2,4", help="judge delay / device time")
-    parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--out", default="overlap.json")
     parser.add_argument("--from-json", help="print the table of a saved run instead of running")
