@@ -282,8 +282,8 @@ def summarise(runs: dict[str, list[dict]]) -> list[dict]:
 
 def format_table(rows: list[dict], workloads: dict) -> str:
     w = workloads
-    what = {("train", "step"): f"train step, {w['train']['rows']}x{w['train']['prompt_len'] + w['train']['response_len']}"
-                               " tokens (tok/s)",
+    train_len = w["train"]["prompt_len"] + w["train"]["response_len"]
+    what = {("train", "step"): f"train step, {w['train']['rows']}x{train_len} tokens (tok/s)",
             ("sample", "fixed"): f"sampling, {w['sample']['prompts']} x {w['sample']['new_tokens']} new (new tok/s)",
             ("sample", "variable"): f"sampling, {w['sample']['prompts']} x <={w['sample']['var_new_tokens']} new, "
                                     f"{w['sample']['var_eos']} EOS ids (new tok/s)",

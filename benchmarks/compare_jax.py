@@ -90,7 +90,8 @@ def rl(model_dir: str, spec: dict) -> dict:
             "data.shuffle": False, "data.prompt_template": "{problem}\n", "data.num_eval": 0,
             "rollout.prompts_per_step": spec["prompts"], "rollout.group_size": spec["group"],
             "rollout.max_new_tokens": spec["new_tokens"], "rollout.ignore_eos": True, "rollout.temperature": 1.0,
-            "loss.kl_coef": spec["beta"], "loss.ppo_mini_batch_size": 0, "optim.learning_rate": spec["lr"], "train.steps": steps,
+            "loss.kl_coef": spec["beta"], "loss.ppo_mini_batch_size": 0, "optim.learning_rate": spec["lr"],
+            "train.steps": steps,
             "train.save_every": 10 ** 9, "train.log_every": 1, "eval.at_start": False, "eval.at_end": False}
         cfg = load_config(os.path.join(compare.ROOT, "experiments", "configs", "smoke.py"), **overrides)
         workdir = os.path.join(tmp, "run")
