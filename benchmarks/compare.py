@@ -280,6 +280,17 @@ def summarise(runs: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+def train_mfu(runs: dict[str, list[dict]], peak_tflops: float) -> dict[str, float]:
+    """Model FLOPs utilisation of each train step: 6 x parameters FLOPs per token (forward + backward; attention
+    scores left out, as usual) at the median tokens/s, over the accelerator's peak dense fp32 TFLOP/s."""
+    out = {}
+    for side in PAIRS["train"]:
+        if runs.get(side) and peak_tflops > 0:
+            tok_s = float(np.median([v for r in runs[side] for v in speed(side, r, "step")]))
+            out[LABELS[side]] = 6 * runs[side][0]["params"] * tok_s / (peak_tflops * 1e12)
+    return out
+
+
 def format_table(rows: list[dict], workloads: dict) -> str:
     w = workloads
     train_len = w["train"]["prompt_len"] + w["train"]["response_len"]
@@ -323,6 +334,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads of both stacks (0: each stack's default, all cores). On a shared, "
                              "busy machine 1 is steadier: a starved second OpenMP thread stalls torch")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the device's peak dense fp32 TFLOP/s: adds the train step's MFU to the report")
     args = parser.parse_args(argv)
     pairs = [p for p in args.pairs.split(",") if p]
     if unknown := set(pairs) - set(PAIRS):
@@ -344,9 +357,13 @@ def main(argv=None):
                           f"{time.time() - t:.0f}s", flush=True)
     rows = summarise(runs)
     table = format_table(rows, workloads)
+    mfu = train_mfu(runs, args.peak_tflops)
+    if mfu:
+        table += "\ntrain step MFU (6 x params FLOPs per token): " + ", ".join(
+            f"{k} {v:.1%}" for k, v in mfu.items())
     report = {"preset": preset, "model_dir": model_dir, "workloads": workloads, "rounds": args.rounds,
               "threads": args.threads or "default",
-              "table": rows, "table_text": table, "runs": runs, "cpu_during_run": watch.report(),
+              "table": rows, "table_text": table, "train_mfu": mfu, "runs": runs, "cpu_during_run": watch.report(),
               "machine": machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -51,7 +51,8 @@ def train(model_dir: str, spec: dict) -> dict:
         losses.append(float(metrics["loss/total"]))
     rows, length = batch["tokens"].shape
     return {"step_s": times[spec["warmup"]:], "compile_and_first_s": times[0], "tokens": rows * length,
-            "first_loss": losses[0], "losses": losses, "devices": str(jax.devices()[0])}
+            "first_loss": losses[0], "losses": losses, "devices": str(jax.devices()[0]),
+            "params": sum(x.size for x in jax.tree.leaves(state.params))}
 
 
 def sample(model_dir: str, spec: dict) -> dict:
@@ -64,7 +65,7 @@ def sample(model_dir: str, spec: dict) -> dict:
         for i in range(spec["warmup"] + spec["steps"]):
             t = time.perf_counter()
             out = ex.generate(model_cfg, params, prompts, jax.random.key(10 + i), max_new_tokens=new_tokens,
-                              temperature=1.0, eos_ids=eos, pad_id=0).to_numpy()
+                              temperature=1.0, eos_ids=eos, pad_id=0).to_numpy()  # on the host, as HF's
             elapsed = time.perf_counter() - t
             if i >= spec["warmup"]:
                 seconds.append(elapsed)

@@ -24,14 +24,14 @@ from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
 
 import compare  # noqa: E402  (benchmarks/compare.py: the inputs both sides share)
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as JAX takes its default backend on the other side
 # exprl_jax's grpo defaults (config.METHOD_LOSS_DEFAULTS, LossSection): the ratio clip and the dual-clip cap
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP = 0.2, 0.26, 3.0
 LOG_RATIO_BOUND, K3_BOUND = 20.0, 10.0  # losses.py's clamps
 
 
 def load_model(model_dir: str):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE)
 
 
 def ppo_loss(logprobs, old, advantages, ref, mask, kl_coef: float):
@@ -61,7 +61,7 @@ def train(model_dir: str, spec: dict) -> dict:
     times, losses = [], []
     for _ in range(spec["warmup"] + spec["steps"]):
         t = time.perf_counter()
-        b = {k: torch.from_numpy(v) for k, v in batch.items()}
+        b = {k: torch.from_numpy(v).to(DEVICE) for k, v in batch.items()}
         tokens = b["tokens"].long()
         # logits only where they predict response tokens, as TRL does (logits_to_keep)
         logits = model(input_ids=tokens, attention_mask=b["attention_mask"].long(), logits_to_keep=R + 1).logits
@@ -72,17 +72,17 @@ def train(model_dir: str, spec: dict) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()))  # waits for the step (also on a GPU)
         times.append(time.perf_counter() - t)
     rows, length = batch["tokens"].shape
     return {"step_s": times[spec["warmup"]:], "compile_and_first_s": times[0], "tokens": rows * length,
-            "first_loss": losses[0], "losses": losses}
+            "first_loss": losses[0], "losses": losses, "params": sum(p.numel() for p in model.parameters())}
 
 
 def sample(model_dir: str, spec: dict, cache: str | None) -> dict:
     model = load_model(model_dir)
     model.eval()
-    prompts = torch.tensor(compare.sample_prompts(spec, model.config.vocab_size))
+    prompts = torch.tensor(compare.sample_prompts(spec, model.config.vocab_size), device=DEVICE)
     P = prompts.shape[1]
     result = {}
     for name, new_tokens, eos in (("fixed", spec["new_tokens"], None),
@@ -97,8 +97,8 @@ def sample(model_dir: str, spec: dict, cache: str | None) -> dict:
             t = time.perf_counter()
             with torch.inference_mode():
                 out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts))
+            generated = out[:, P:].cpu().numpy()
             elapsed = time.perf_counter() - t
-            generated = out[:, P:].numpy()
             if eos is None:
                 row_lengths = np.full(len(generated), generated.shape[1])
             else:  # up to and including the first EOS; rows that never stop fill the width
@@ -149,7 +149,7 @@ def rl(model_dir: str, spec: dict) -> dict:
             temperature=1.0, top_p=1.0, top_k=0, beta=spec["beta"], learning_rate=spec["lr"],
             lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0, epsilon=CLIP_LOW,
             epsilon_high=CLIP_HIGH, loss_type="dapo",  # dapo = token-mean over the batch, as ours
-            scale_rewards="group", bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+            scale_rewards="group", bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=DEVICE == "cpu",
             save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True, shuffle_dataset=False,
             dataloader_num_workers=0, seed=0)
         trainer = GRPOTrainer(model=load_model(model_dir), reward_funcs=[reward_unfinished_is_zero], args=args,
@@ -179,7 +179,7 @@ def main():
         result = sample(args.model_dir, spec, "static" if args.task == "sample_static" else None)
     else:
         result = rl(args.model_dir, spec)
-    result.update(torch_threads=torch.get_num_threads(), torch=torch.__version__)
+    result.update(torch_threads=torch.get_num_threads(), torch=torch.__version__, device=DEVICE)
     with open(args.out, "w") as f:
         json.dump(result, f)
 

@@ -56,16 +56,27 @@ def test_summarise_ratios():
     assert rows["rl"]["ratio"] == 4.0
 
 
+def test_train_mfu_by_hand():
+    # 1,000 tokens in a 1 s step, 1e6 parameters: 6e9 FLOP/s over a 1 TFLOP/s peak = 0.6%
+    runs = {"jax:train": [{"step_s": [1.0], "tokens": 1000, "params": 10 ** 6}],
+            "torch:train": [{"step_s": [2.0], "tokens": 1000, "params": 10 ** 6}]}
+    mfu = compare.train_mfu(runs, 1.0)
+    assert mfu == {"exprl_jax": pytest.approx(0.006), "PyTorch eager": pytest.approx(0.003)}
+    assert compare.train_mfu(runs, 0.0) == {}  # no peak given: no MFU
+
+
 @pytest.mark.slow
 def test_compare_runs_at_toy_size_and_writes_json(tmp_path):
     pairs = "train,sample,rl" if HAS_TRL else "train,sample"
     out = tmp_path / "compare.json"
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compare.py"), "--preset", "toy", "--rounds",
-                    "1", "--pairs", pairs, "--threads", "1", "--workdir", str(tmp_path / "w"), "--out", str(out)],
+                    "1", "--pairs", pairs, "--threads", "1", "--peak-tflops", "1", "--workdir", str(tmp_path / "w"),
+                    "--out", str(out)],
                    check=True, timeout=900, cwd=ROOT)
     report = json.loads(out.read_text())
     assert {r["pair"] for r in report["table"]} == set(pairs.split(","))
     assert all(r["ratio"] > 0 for r in report["table"])
+    assert set(report["train_mfu"]) == {"exprl_jax", "PyTorch eager"}
     assert "loadavg_1m" in report["cpu_during_run"] and "top_other_processes_cpu_s" in report["cpu_during_run"]
     runs = report["runs"]
     # the same loss on the same weights and batch, step after step (AdamW and clipping agree too)
