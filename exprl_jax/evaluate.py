@@ -81,7 +81,7 @@ def default_ks(n: int) -> list[int]:
 def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: int, temperature: float,
                     max_new_tokens: int, template: str, answer_style: str, eos, pad: int, mesh=None,
                     delimiter: str = "###", prompts_per_batch: int = 0, chat: bool = False,
-                    progress: str | None = None) -> dict:
+                    max_concurrent_rows: int = 0, progress: str | None = None) -> dict:
     """n samples per problem at `temperature`, answers checked for equivalence (not string equality), pass@k for
     k = 1, 2, 4, ... n, and behaviour statistics (SPEC §7). Records that carry `checkpoints` also get exact-trace
     success (right answer and every checkpoint written, `exact_pass@k`) and the mean share of checkpoints written.
@@ -98,12 +98,15 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
     from exprl_jax.rollouts import sample_rollouts
 
     sampling = RolloutSection(group_size=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                              top_p=1.0, top_k=0)
+                              top_p=1.0, top_k=0, max_concurrent_rows=max_concurrent_rows)
     batch = prompts_per_batch or len(records)
     from exprl_jax.judge.programmatic import checkpoints_of, statements
 
     correct_counts, exact_counts, checkpoint_fracs, lengths, truncated, segments, texts = [], [], [], [], [], [], []
     started = time.time()
+    from exprl_jax import distributed
+
+    progress = progress if distributed.is_primary() else None  # one process speaks for a multi-process run
     if progress:
         print(f"{progress}: sampling {len(records)} problems x {num_samples} (up to {max_new_tokens} new tokens)",
               flush=True)

@@ -1,14 +1,16 @@
 """Run logging: one JSON object per line in `<workdir>/metrics.jsonl`, TensorBoard scalars, and console progress
-that shows in any log (a tqdm bar on a terminal, plain lines when the output goes to a file or a pipe)."""
+that shows in any log (a tqdm bar on a terminal, plain lines when the output goes to a file or a pipe).
+In a multi-process run only process 0 writes and prints; the others just return the rows."""
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import numpy as np
+
+from exprl_jax import distributed, storage
 
 
 def _scalar(value):
@@ -22,15 +24,15 @@ def _scalar(value):
 class MetricsLogger:
     """`log(step, metrics)` appends to metrics.jsonl and TensorBoard. Keys use slashes (`loss/policy`)."""
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, console_every: int = 1):
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._file = open(self.path, "a", encoding="utf-8")
+    def __init__(self, workdir, *, tensorboard: bool = True, console_every: int = 1):
+        self.path = storage.as_path(workdir) / "metrics.jsonl"
+        self.writer = distributed.is_primary()
+        self._file = storage.AppendLog(self.path) if self.writer else None
         self._tb = None
-        if tensorboard:
+        if tensorboard and self.writer:
             from tensorboardX import SummaryWriter  # imported lazily: only runs that log pay for it
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._tb = SummaryWriter(storage.tensorboard_dir(storage.as_path(workdir) / "tb"))
         self.console_every = console_every
         self._start = time.time()
 
@@ -38,12 +40,13 @@ class MetricsLogger:
         row = {"step": int(step)}
         for key, value in sorted(metrics.items()):
             row[key] = _scalar(value)
-        self._file.write(json.dumps(row, allow_nan=True) + "\n")
-        self._file.flush()
+        if not self.writer:
+            return row
+        self._file.append((json.dumps(row, allow_nan=True) + "\n").encode())
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key.replace("@", "_at_"), value, step)  # TensorBoard rejects '@' 
+                    self._tb.add_scalar(key.replace("@", "_at_"), value, step)  # TensorBoard rejects '@'
         if console if console is not None else (self.console_every and step % self.console_every == 0):
             shown = {k: v for k, v in row.items() if k.split("/")[0] in ("loss", "reward", "kl")
                      or k.endswith(("pass@1", "canary/reward_mean", "response_length"))}
@@ -52,14 +55,27 @@ class MetricsLogger:
         return row
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
 
-def read_metrics(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path) -> list[dict]:
+    log = storage.AppendLog(path)
+    if not log.exists():
+        raise FileNotFoundError(f"{path}: no metrics logged")
+    text = log.read().decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def truncate_metrics(path, step: int) -> None:
+    """After a restore, drops the rows of steps the restored state has not taken yet (row k = state after k
+    steps), so a resumed run logs each step once."""
+    log = storage.AppendLog(path)
+    if log.exists():
+        rows = [r for r in read_metrics(path) if r["step"] <= step]
+        log.rewrite("".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 # (label, metric key) of a training progress line; a metric the step did not log shows as "-"
@@ -78,8 +94,10 @@ def progress_line(step: int, total: int, seconds_per_step: float, row: dict) -> 
 
 
 def report_progress(label: str, done: int, total: int, unit: str, started: float) -> None:
-    """One line for a long host loop (evaluation, the base-model filter): `eval_end: 64/512 problems (12.3 s)`."""
-    print(f"{label}: {done}/{total} {unit} ({time.time() - started:.1f} s)", flush=True)
+    """One line for a long host loop (evaluation, the base-model filter): `eval_end: 64/512 problems (12.3 s)`.
+    Printed by process 0 only."""
+    if distributed.is_primary():
+        print(f"{label}: {done}/{total} {unit} ({time.time() - started:.1f} s)", flush=True)
 
 
 class StepProgress:
@@ -91,8 +109,10 @@ class StepProgress:
         from tqdm import tqdm
 
         self.total, self.every = total, max(1, every)
-        self.bar = tqdm(range(start, total), initial=start, total=total, desc=desc, dynamic_ncols=True, disable=None)
-        self.lines = self.bar.disable or not sys.stdout.isatty()
+        primary = distributed.is_primary()  # in a multi-process run only process 0 shows progress
+        self.bar = tqdm(range(start, total), initial=start, total=total, desc=desc, dynamic_ncols=True,
+                        disable=None if primary else True)
+        self.lines = primary and (self.bar.disable or not sys.stdout.isatty())
         self._last_step, self._last_time = start, time.time()
 
     def __iter__(self):

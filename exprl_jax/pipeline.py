@@ -6,9 +6,9 @@ model's evaluation is Stage I's `eval_start`; each stage resumes on its own, so 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
+from exprl_jax import distributed, storage
 from exprl_jax.config import ExperimentConfig
 from exprl_jax.experiment import Experiment
 
@@ -36,12 +36,15 @@ def run_pipeline(cfg: ExperimentConfig, workdir: str) -> dict:
     if cfg.stage2.steps > 0:
         stage2 = Experiment(stage2_config(cfg, stage1_dir), os.path.join(workdir, "stage2")).run()
         summary.update(stage2=stage2.get("eval_end"), stage2_results=stage2)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump({k: v for k, v in summary.items() if not k.endswith("_results")}, f, indent=1)
     table = format_table(summary, cfg)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    plot_pass_at_k(summary, os.path.join(workdir, "pass_at_k.png"), title=f"{cfg.name}: {cfg.method}")
+
+    def write():  # once, by process 0
+        out = storage.as_path(workdir)
+        storage.write_json(out / "summary.json", {k: v for k, v in summary.items() if not k.endswith("_results")})
+        (out / "summary.md").write_text(table + "\n")
+        plot_pass_at_k(summary, out / "pass_at_k.png", title=f"{cfg.name}: {cfg.method}")
+
+    distributed.from_primary(write)
     summary["table"] = table
     return summary
 
@@ -86,5 +89,6 @@ def plot_pass_at_k_curves(curves, path: str, title: str = "", ylabel: str = "pas
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7 if len(curves) > 3 else None)
     fig.tight_layout()
-    fig.savefig(path)
+    with storage.as_path(path).open("wb") as f:  # local or gs://
+        fig.savefig(f, format="png")
     plt.close(fig)

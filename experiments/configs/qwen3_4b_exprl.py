@@ -27,6 +27,8 @@ def get_config():
     c.model.logits_chunk = 1024  # positions per chunk of the 151,936-way vocabulary projection
     c.train.micro_batch_size = 16  # rows per micro-step (one row per 4-chip tensor group on a v5e-64)
     c.rollout.max_prompt_tokens = 2048  # the paper's prompts fit in ~2k tokens; longer ones are an error
+    c.rollout.dtype = "bfloat16"  # the engine samples from a bf16, tensor-parallel copy of the policy
+    c.rollout.max_concurrent_rows = 128  # KV cache slots; plan prints the largest that fits
     c.data.source = "jsonl"
     c.data.chat_template = True  # an instruction-tuned policy
     c.data.prompt_template = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."

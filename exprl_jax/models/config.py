@@ -45,6 +45,7 @@ class ModelConfig:
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS; "auto": splash on TPU, cudnn on GPU, CPU by shape
     attention_block_q: int = 512  # query / key tile of "chunked" and "splash" (splash rounds up to 128)
     attention_block_kv: int = 512
+    decode_attention_impl: str = "auto"  # rollout engine decode: "auto" (paged kernel on TPU), "jnp", "paged"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
@@ -67,6 +68,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.logits_chunk={self.logits_chunk} must be >= 0 (0 = unchunked)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}; supported: {ATTENTION_IMPLS}")
+        if self.decode_attention_impl not in ("auto", "jnp", "paged"):
+            raise ValueError(f"ModelConfig.decode_attention_impl={self.decode_attention_impl!r}; "
+                             "supported: ('auto', 'jnp', 'paged')")
         for name in ("attention_block_q", "attention_block_kv"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 1")
