@@ -76,6 +76,8 @@ class RolloutSection:
     temperature: float = 0.8  # SPEC §5
     top_p: float = 1.0
     top_k: int = 0
+    ignore_eos: bool = False  # sample exactly max_new_tokens (benchmarks): EOS does not end a rollout, every row is
+    #                           then "truncated" (SPEC §4 Overlong: reward 0 without a judge call)
     recompute_logprobs: str = "auto"  # "true" / "false" / "auto" (= on unless model.dtype and rollout.dtype are
     #                                   float32): behaviour log-probs from the training forward, so the first
     #                                   update's ratio is exactly 1

@@ -81,15 +81,19 @@ def default_ks(n: int) -> list[int]:
 def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: int, temperature: float,
                     max_new_tokens: int, template: str, answer_style: str, eos, pad: int, mesh=None,
                     delimiter: str = "###", prompts_per_batch: int = 0, chat: bool = False,
-                    max_concurrent_rows: int = 0) -> dict:
+                    max_concurrent_rows: int = 0, progress: str | None = None) -> dict:
     """n samples per problem at `temperature`, answers checked for equivalence (not string equality), pass@k for
     k = 1, 2, 4, ... n, and behaviour statistics (SPEC §7). Records that carry `checkpoints` also get exact-trace
     success (right answer and every checkpoint written, `exact_pass@k`) and the mean share of checkpoints written.
+    `progress`: a label for console lines at the start and after every chunk of `prompts_per_batch` problems.
     Returns {"metrics", "pass_at_k", "per_problem"}."""
+    import time
+
     import jax
     import numpy as np
 
     from exprl_jax.config import RolloutSection
+    from exprl_jax.metrics import report_progress
     from exprl_jax.rewards.answers import check_answers, extract_answer
     from exprl_jax.rollouts import sample_rollouts
 
@@ -99,6 +103,13 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
     from exprl_jax.judge.programmatic import checkpoints_of, statements
 
     correct_counts, exact_counts, checkpoint_fracs, lengths, truncated, segments, texts = [], [], [], [], [], [], []
+    started = time.time()
+    from exprl_jax import distributed
+
+    progress = progress if distributed.is_primary() else None  # one process speaks for a multi-process run
+    if progress:
+        print(f"{progress}: sampling {len(records)} problems x {num_samples} (up to {max_new_tokens} new tokens)",
+              flush=True)
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
         r = sample_rollouts(model_cfg, params, tokenizer, chunk, jax.random.fold_in(rng, start),
@@ -120,6 +131,8 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
         truncated += r.truncated.tolist()
         segments += [sum(1 for piece in t.split(delimiter) if piece.strip()) for t in r.texts]
         texts += r.texts
+        if progress:
+            report_progress(progress, start + len(chunk), len(records), "problems", started)
     ks = default_ks(num_samples)
     table = pass_at_k_table([num_samples] * len(records), correct_counts, ks)
     metrics = {f"pass@{k}": v for k, v in table.items()}

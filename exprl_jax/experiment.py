@@ -167,7 +167,7 @@ class Experiment:
             num_samples=ev.num_samples, temperature=ev.temperature,
             max_new_tokens=ev.max_new_tokens or self.cfg.rollout.max_new_tokens, template=self.cfg.data.prompt_template,
             answer_style=self.cfg.data.answer_style, eos=self.eos, pad=self.pad, mesh=self.mesh,
-            delimiter=self.cfg.process.delimiter, chat=self.cfg.data.chat_template)
+            delimiter=self.cfg.process.delimiter, chat=self.cfg.data.chat_template, progress=prefix)
         reward_fn = getattr(getattr(self, "runner", None), "reward_fn", None)
         if reward_fn is not None and self.spec.reward != "sparse":  # SPEC §9: master-key canaries per evaluation
             import asyncio

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from exprl_jax import distributed
+from exprl_jax.metrics import StepProgress
 from exprl_jax.rollouts import load_rollouts, save_rollouts
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,7 @@ def train_loop(exp, state, start: int, runner, ckpt, logger):
     pending = None
     if overlap and start > 0 and distributed.from_primary(pending_path(start).exists):
         pending = load_rollouts(pending_path(start), exp.records_at(start), exp.tokenizer, exp.eos)
-    from tqdm import tqdm
-
-    progress = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc=cfg.method,
-                    dynamic_ncols=True, disable=None if distributed.is_primary() else True)
+    progress = StepProgress(start, cfg.train.steps, cfg.train.log_every, cfg.method)
     for step in progress:
         step_start = time.time()
         update_key = jax.random.fold_in(step_key(cfg.seed, step), 1)
@@ -76,8 +74,7 @@ def train_loop(exp, state, start: int, runner, ckpt, logger):
         failure = watch.failure(metrics)
         if failure:  # logged, not checkpointed: a re-run repeats this step
             raise RuntimeError(failure)
-        progress.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in ("loss/total", "reward/mean",
-                              "reward/sparse_acc") if isinstance(row.get(k), float)})
+        progress.update(step + 1, row)
         if pending is not None:  # before the checkpoint, so a checkpoint never lacks its pending rollouts
             distributed.from_primary(lambda: save_rollouts(pending_path(step + 1), pending))
         meta = {"iteration": step + 1, "seed": cfg.seed, "optimizer_step": int(state.step),

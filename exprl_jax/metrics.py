@@ -1,9 +1,11 @@
-"""Run logging: one JSON object per line in `<workdir>/metrics.jsonl`, TensorBoard scalars, a console line.
+"""Run logging: one JSON object per line in `<workdir>/metrics.jsonl`, TensorBoard scalars, and console progress
+that shows in any log (a tqdm bar on a terminal, plain lines when the output goes to a file or a pipe).
 In a multi-process run only process 0 writes and prints; the others just return the rows."""
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 import numpy as np
@@ -74,3 +76,54 @@ def truncate_metrics(path, step: int) -> None:
     if log.exists():
         rows = [r for r in read_metrics(path) if r["step"] <= step]
         log.rewrite("".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+# (label, metric key) of a training progress line; a metric the step did not log shows as "-"
+PROGRESS_FIELDS = (("loss", "loss/total"), ("reward", "reward/mean"), ("sparse_acc", "reward/sparse_acc"),
+                   ("kl", "kl/ref"), ("unscored", "reward/unscored_frac"), ("judge_p50_s", "judge/latency_p50_s"))
+
+
+def _short(value) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def progress_line(step: int, total: int, seconds_per_step: float, row: dict) -> str:
+    """`step 3/20 | 1.21 s/step | loss 0.012 | reward 0.41 | sparse_acc 0.25 | kl 0.0011 | unscored 0 | ...`"""
+    fields = " | ".join(f"{label} {_short(row.get(key))}" for label, key in PROGRESS_FIELDS)
+    return f"step {step}/{total} | {seconds_per_step:.3g} s/step | {fields}"
+
+
+def report_progress(label: str, done: int, total: int, unit: str, started: float) -> None:
+    """One line for a long host loop (evaluation, the base-model filter): `eval_end: 64/512 problems (12.3 s)`.
+    Printed by process 0 only."""
+    if distributed.is_primary():
+        print(f"{label}: {done}/{total} {unit} ({time.time() - started:.1f} s)", flush=True)
+
+
+class StepProgress:
+    """Iterates steps [start, total): a tqdm bar when stderr is a terminal (metrics in its postfix), and one
+    `progress_line` every `every` steps on stdout unless stdout is that same kind of terminal, so a log file always
+    gets lines and a terminal never shows both."""
+
+    def __init__(self, start: int, total: int, every: int, desc: str):
+        from tqdm import tqdm
+
+        self.total, self.every = total, max(1, every)
+        primary = distributed.is_primary()  # in a multi-process run only process 0 shows progress
+        self.bar = tqdm(range(start, total), initial=start, total=total, desc=desc, dynamic_ncols=True,
+                        disable=None if primary else True)
+        self.lines = primary and (self.bar.disable or not sys.stdout.isatty())
+        self._last_step, self._last_time = start, time.time()
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def update(self, step: int, row: dict) -> None:
+        """After step `step` (1-based count of steps done) with its logged `row`."""
+        self.bar.set_postfix({label: _short(row.get(key)) for label, key in PROGRESS_FIELDS[:3]
+                              if row.get(key) is not None})
+        if self.lines and (step % self.every == 0 or step == self.total):
+            now = time.time()
+            per_step = (now - self._last_time) / max(step - self._last_step, 1)
+            print(progress_line(step, self.total, per_step, row), flush=True)
+            self._last_step, self._last_time = step, now

@@ -85,8 +85,8 @@ def sample_rollouts(model_cfg: ModelConfig, params, tokenizer, records: Sequence
     G = rollout_cfg.group_size
     out = generate(model_cfg, params, prompts, rng, max_new_tokens=rollout_cfg.max_new_tokens,
                    num_samples=G, temperature=rollout_cfg.temperature,
-                   top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, eos_ids=eos, pad_id=pad, mesh=mesh,
-                   max_concurrent_rows=rollout_cfg.max_concurrent_rows).to_numpy()
+                   top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, eos_ids=() if rollout_cfg.ignore_eos else eos,
+                   pad_id=pad, mesh=mesh, max_concurrent_rows=rollout_cfg.max_concurrent_rows).to_numpy()
     prompt_tokens, prompt_mask = pad_prompts(prompts, pad)
     return Rollouts(records=list(records), group_size=G, prompt_tokens=np.repeat(prompt_tokens, G, axis=0),
                     prompt_mask=np.repeat(prompt_mask, G, axis=0), tokens=out.tokens, logprobs=out.logprobs,

@@ -68,6 +68,7 @@ class StepRunner:
 
             self.teacher_template = load_template("self-distill-teacher")
         self._judge_pool = ThreadPoolExecutor(max_workers=1)  # the judge runs beside the device, never inside jit
+        self._prefetched = None  # (rollouts, scoring future) of the next step, started as soon as it was sampled
         rollout = self.cfg.rollout
         self.rollout_model_cfg = rollout_model_config(exp.model_cfg, "" if rollout.dtype == "auto" else rollout.dtype)
         self.rollout_params = make_rollout_params(exp.model_cfg, self.rollout_model_cfg, exp.mesh)
@@ -85,11 +86,15 @@ class StepRunner:
     def rl_step(self, state, rollouts: Rollouts, key, *, sample_next=None):
         """Scores `rollouts` (host thread) while the device computes reference / teacher log-probs and, given
         `sample_next(params)`, samples the next step with the pre-update params (judge overlap). Then builds the
-        batch and updates. Returns (state, metrics, next step's rollouts or None)."""
-        scoring = self._judge_pool.submit(self.score, rollouts) if distributed.is_primary() else None
+        batch and updates. The next step's rollouts go to the judge as soon as they exist, so their scoring also
+        runs beside this step's update. Returns (state, metrics, next step's rollouts or None)."""
+        scoring = self._scoring_of(rollouts) if distributed.is_primary() else None
         t_device = time.time()
         ref_logprobs = self.reference_logprobs(rollouts)
         pending, sample_s = sample_next(state.params) if sample_next is not None else (None, 0.0)
+        if pending is not None and distributed.is_primary():
+            # judged from now on, queued behind this step's scoring (one worker); rewards never depend on params
+            self._prefetched = (pending, self._judge_pool.submit(self.score, pending))
         device_done = time.time()
         scored = distributed.from_primary(lambda: scoring.result())  # every process: the same rewards
         judge_s, waited = scored[3], max(0.0, time.time() - device_done)
@@ -106,6 +111,13 @@ class StepRunner:
                         "time/device_while_judging_s": device_done - t_device,
                         "time/judge_hidden_frac": 1.0 - waited / judge_s if judge_s > 0 else 1.0})
         return state, metrics, pending
+
+    def _scoring_of(self, rollouts: Rollouts):
+        """The scoring of `rollouts`: the one the previous step started when it sampled them, else a new one."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] is rollouts:
+            return prefetched[1]
+        return self._judge_pool.submit(self.score, rollouts)
 
     # ---- SFT: no sampling ----
     def sft_step(self, state, records: list[QARecord], key):

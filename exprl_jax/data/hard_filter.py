@@ -50,6 +50,7 @@ def pass_counts(hf_dir: str, records: Sequence[QARecord], *, samples: int, tempe
     import jax
 
     from exprl_jax.config import RolloutSection
+    from exprl_jax.metrics import report_progress
     from exprl_jax.models.hf import load_hf
     from exprl_jax.rewards.answers import check_answers, extract_answer
     from exprl_jax.rollouts import sample_rollouts
@@ -67,8 +68,7 @@ def pass_counts(hf_dir: str, records: Sequence[QARecord], *, samples: int, tempe
                                [x.answer for x in r.row_records()])
         ok = np.array([c.correct for c in checks]) & ~r.truncated
         counts += ok.reshape(len(part), samples).sum(axis=1).tolist()
-        print(f"hard filter: {start + len(part)}/{len(records)} problems sampled ({time.time() - t0:.0f}s)",
-              flush=True)
+        report_progress("hard filter", start + len(part), len(records), "problems sampled", t0)
     return counts
 
 
