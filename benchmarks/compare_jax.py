@@ -3,7 +3,8 @@
   python benchmarks/compare_jax.py --task train|sample|rl --model-dir DIR --spec JSON --out RESULT.json
 
 train: the project's jitted step (`make_train_step` around `methods.make_loss_fn("grpo")`: PPO clip + dual clip + k3
-KL, AdamW, grad clip); sample: the public `exprl_jax.generate`; rl: whole steps of `Experiment` (method grpo), the
+KL, AdamW, grad clip); sample: the public `exprl_jax.generate` (sample_quarter_slots: with a quarter of the rows in
+cache slots at a time; sample_fixed_batch: the sampler it replaced); rl: whole steps of `Experiment` (method grpo), the
 same code path as `experiments/run.py`.
 """
 from __future__ import annotations
@@ -55,23 +56,38 @@ def train(model_dir: str, spec: dict) -> dict:
             "params": sum(x.size for x in jax.tree.leaves(state.params))}
 
 
-def sample(model_dir: str, spec: dict) -> dict:
+def sample(model_dir: str, spec: dict, sampler: str = "engine") -> dict:
+    """`sampler`: "engine" (`exprl_jax.generate`, all rows at once), "engine_quarter_slots" (the engine with
+    max_concurrent_rows = a quarter of the rows: finished rows are refilled) or "fixed_batch" (the sampler the
+    engine replaced). Also records each run's share of wasted decode compute (slot-steps spent on finished rows)."""
+    from exprl_jax.sampling import generate_fixed_batch
+
     model_cfg, params = ex.load_hf(model_dir)
     prompts = compare.sample_prompts(spec, model_cfg.vocab_size)
     result = {}
     for name, new_tokens, eos in (("fixed", spec["new_tokens"], ()),
                                   ("variable", spec["var_new_tokens"], compare.variable_eos_ids(spec))):
-        seconds, counts, lengths = [], [], []
+        seconds, counts, lengths, waste = [], [], [], []
         for i in range(spec["warmup"] + spec["steps"]):
+            kwargs = dict(max_new_tokens=new_tokens, temperature=1.0, eos_ids=eos, pad_id=0)
             t = time.perf_counter()
-            out = ex.generate(model_cfg, params, prompts, jax.random.key(10 + i), max_new_tokens=new_tokens,
-                              temperature=1.0, eos_ids=eos, pad_id=0).to_numpy()  # on the host, as HF's
+            if sampler == "fixed_batch":
+                out = generate_fixed_batch(model_cfg, params, prompts, jax.random.key(10 + i), **kwargs)
+            else:
+                slots = max(1, len(prompts) // 4) if sampler == "engine_quarter_slots" else 0
+                out = ex.generate(model_cfg, params, prompts, jax.random.key(10 + i), max_concurrent_rows=slots,
+                                  **kwargs)
+            out = out.to_numpy()  # on the host, as HF's
             elapsed = time.perf_counter() - t
             if i >= spec["warmup"]:
                 seconds.append(elapsed)
                 counts.append(int(out.lengths.sum()))  # generated tokens only (a sampled EOS counts)
                 lengths += out.lengths.tolist()
-        result[name] = {"seconds": seconds, "new_tokens": counts, "lengths": compare.length_stats(lengths)}
+                # a fixed batch computes every row until the longest ends; the engine counts its slot-steps
+                waste.append(1.0 - (out.slot_utilisation if sampler != "fixed_batch"
+                                    else out.lengths.sum() / (len(out.lengths) * out.lengths.max())))
+        result[name] = {"seconds": seconds, "new_tokens": counts, "lengths": compare.length_stats(lengths),
+                        "waste": waste}
     return result
 
 
@@ -109,7 +125,9 @@ def rl(model_dir: str, spec: dict) -> dict:
             "process_total_s": total}
 
 
-TASKS = {"train": train, "sample": sample, "rl": rl}
+TASKS = {"train": train, "sample": sample, "rl": rl,
+         "sample_fixed_batch": lambda d, s: sample(d, s, "fixed_batch"),
+         "sample_quarter_slots": lambda d, s: sample(d, s, "engine_quarter_slots")}
 
 
 def main():
