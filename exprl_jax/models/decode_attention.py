@@ -91,7 +91,7 @@ def cache_length(impl: str, positions: int) -> int:
     return -(-positions // multiple) * multiple
 
 
-def decode_attention(q_S1NH, cache: SlotCache | PagedSlotCache, lengths_S, *, block_kv: int = 512):
+def decode_attention(q_S1NH, cache: SlotCache | PagedSlotCache, lengths_S, *, block_kv: int = 64):
     """One query per slot over its keys [0, lengths[s]) -> [S, 1, N, H]. Query head n uses kv head n // (N // K).
 
     The implementation follows the cache's layout. `SlotCache`: blocks of `block_kv` positions in plain jnp, up to
