@@ -45,9 +45,9 @@ class ModelConfig:
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS; "auto": splash on TPU, cudnn on GPU, CPU by shape
     attention_block_q: int = 512  # query / key tile of "chunked" and "splash" (splash rounds up to 128)
     attention_block_kv: int = 512
-    # key block of the engine's jnp decode attention: a step visits blocks up to the longest live row, so smaller
-    # blocks follow the real lengths more closely (64 vs 512 on the 4.2M bench model, XLA:CPU: +30-45% tokens/s)
-    decode_block_kv: int = 64
+    # key block of the rollout engine's jnp decode attention: a step visits blocks up to the longest live row
+    # (on the 4.2M bench model, XLA:CPU, 16 to 512 made no difference; on GPUs larger blocks mean fewer launches)
+    decode_block_kv: int = 512
     decode_attention_impl: str = "auto"  # rollout engine decode: "auto" (paged kernel on TPU), "jnp", "paged"
 
     def __post_init__(self):

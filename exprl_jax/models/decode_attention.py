@@ -5,12 +5,12 @@ A slot holds its sequence from position 0 (the prompt left-aligned, then the gen
 position is its RoPE position and the valid keys of a row are exactly [0, length). Two layouts, one per attention
 implementation, both slot-major (one token's write is contiguous, so it stays in place inside the decode loop):
 
-- `SlotCache` (the "jnp" blockwise attention, any backend): keys and values in two arrays [S, L, K, H], read
-  directly by the attention einsums.
+- `SlotCache` (the "jnp" blockwise attention, any backend): keys and values in two head-major arrays [S, K, L, H]:
+  each (slot, kv head) is a contiguous [L, H] matrix, used by the attention einsums without a transpose.
 - `PagedSlotCache` (the Pallas TPU ragged paged-attention kernel): one array [S, L, 2K, H] with each kv head's key
   and value interleaved on the third axis; as pages of `PAGE_SIZE` positions this is the kernel's layout, whose
-  block table is then just arange. Read by any other code, the interleaved halves are strided copies: on XLA:CPU
-  that made a decode step ~1.6x slower, hence the two layouts (same bytes).
+  block table is then just arange. Read by plain einsums, that layout costs strided copies and transposes every
+  step (on XLA:CPU a decode step of the 4.2M bench model took ~2x as long), hence two layouts of the same bytes.
 """
 from __future__ import annotations
 
@@ -26,29 +26,32 @@ DECODE_IMPLS = ("auto", "jnp", "paged")
 
 
 class SlotCache(NamedTuple):
-    k: jax.Array  # [S, L, K, H]: slots, positions, kv heads, head dim
-    v: jax.Array  # [S, L, K, H]
+    k: jax.Array  # [S, K, L, H]: slots, kv heads, positions, head dim
+    v: jax.Array  # [S, K, L, H]
+    # head-major: each (slot, kv head) is a contiguous [L, H] matrix, which the attention einsums use as is
+    AXES = ("activation_batch", "activation_kv_heads", "cache_length", None)
 
     @classmethod
     def zeros(cls, num_kv_heads: int, slots: int, length: int, head_dim: int, dtype) -> "SlotCache":
-        shape = (slots, length, num_kv_heads, head_dim)
+        shape = (slots, num_kv_heads, length, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def write(self, k_S1KH, v_S1KH, positions_S) -> "SlotCache":
         """Each slot's new key / value at its own position (one token per slot)."""
         slots = jnp.arange(k_S1KH.shape[0])
-        return SlotCache(self.k.at[slots, positions_S].set(k_S1KH[:, 0].astype(self.k.dtype), mode="drop"),
-                         self.v.at[slots, positions_S].set(v_S1KH[:, 0].astype(self.v.dtype), mode="drop"))
+        return SlotCache(*(x.at[slots, :, positions_S].set(new[:, 0].astype(x.dtype), mode="drop")
+                           for x, new in ((self.k, k_S1KH), (self.v, v_S1KH))))
 
     def put(self, slots_R, k_RPKH, v_RPKH) -> "SlotCache":
         """Prefilled rows' [R, P, K, H] keys / values at positions [0, P) of `slots_R` (an index >= S: dropped)."""
         P = k_RPKH.shape[1]
-        return SlotCache(self.k.at[slots_R, :P].set(k_RPKH.astype(self.k.dtype), mode="drop"),
-                         self.v.at[slots_R, :P].set(v_RPKH.astype(self.v.dtype), mode="drop"))
+        return SlotCache(*(x.at[slots_R, :, :P].set(new.transpose(0, 2, 1, 3).astype(x.dtype), mode="drop")
+                           for x, new in ((self.k, k_RPKH), (self.v, v_RPKH))))
 
 
 class PagedSlotCache(NamedTuple):
     kv: jax.Array  # [S, L, 2K, H]: slots, positions, (key, value) of each kv head, head dim
+    AXES = ("activation_batch", "cache_length", "activation_kv_heads", None)
 
     @classmethod
     def zeros(cls, num_kv_heads: int, slots: int, length: int, head_dim: int, dtype) -> "PagedSlotCache":
@@ -91,7 +94,7 @@ def cache_length(impl: str, positions: int) -> int:
     return -(-positions // multiple) * multiple
 
 
-def decode_attention(q_S1NH, cache: SlotCache | PagedSlotCache, lengths_S, *, block_kv: int = 64):
+def decode_attention(q_S1NH, cache: SlotCache | PagedSlotCache, lengths_S, *, block_kv: int = 512):
     """One query per slot over its keys [0, lengths[s]) -> [S, 1, N, H]. Query head n uses kv head n // (N // K).
 
     The implementation follows the cache's layout. `SlotCache`: blocks of `block_kv` positions in plain jnp, up to
@@ -105,7 +108,7 @@ def decode_attention(q_S1NH, cache: SlotCache | PagedSlotCache, lengths_S, *, bl
 
 def _blockwise(q_S1NH, cache: SlotCache, lengths_S, block_kv: int):
     S, _, N, H = q_S1NH.shape
-    L, K = cache.k.shape[1], cache.k.shape[2]
+    K, L = cache.k.shape[1], cache.k.shape[2]
     bk = min(block_kv, L)
     nk = -(-L // bk)
     dt = q_S1NH.dtype
@@ -114,16 +117,16 @@ def _blockwise(q_S1NH, cache: SlotCache, lengths_S, block_kv: int):
     def block(j, state):
         m, l, acc = state
         start = jnp.minimum(j * bk, L - bk)  # the last block is clamped to end at L; `fresh` drops its overlap
-        k_blk = jax.lax.dynamic_slice_in_dim(cache.k, start, bk, 1).astype(dt)  # [S, bk, K, H]
-        v_blk = jax.lax.dynamic_slice_in_dim(cache.v, start, bk, 1).astype(dt)
+        k_blk = jax.lax.dynamic_slice_in_dim(cache.k, start, bk, 2).astype(dt)  # [S, K, bk, H]
+        v_blk = jax.lax.dynamic_slice_in_dim(cache.v, start, bk, 2).astype(dt)
         pos = start + jnp.arange(bk)
         mask = (pos[None, :] < lengths_S[:, None]) & (pos >= j * bk)[None, :]  # [S, bk]
-        s = jnp.einsum("SKGH,STKH->SKGT", q, k_blk, preferred_element_type=jnp.float32) * H ** -0.5
+        s = jnp.einsum("SKGH,SKTH->SKGT", q, k_blk, preferred_element_type=jnp.float32) * H ** -0.5
         s = jnp.where(mask[:, None, None, :], s, _NEG_INF)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(jnp.where(mask[:, None, None, :], s - m_new[..., None], -jnp.inf))
         alpha = jnp.exp(m - m_new)
-        pv = jnp.einsum("SKGT,STKH->SKGH", p.astype(dt), v_blk, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("SKGT,SKTH->SKGH", p.astype(dt), v_blk, preferred_element_type=jnp.float32)
         return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
     stats = jnp.full((S, K, N // K), _NEG_INF, jnp.float32)

@@ -24,11 +24,10 @@ from exprl_jax.models import decode_attention as da
 from exprl_jax.models.transformer import forward_with_cache, init_cache
 from exprl_jax.rollout.tokens import SamplingParams, sample_rows
 
-CACHE_AXES = ("activation_batch", "cache_length", "activation_kv_heads", None)  # [S, L, K, H] or [S, L, 2K, H]
 
 
 class EngineState(NamedTuple):
-    caches: tuple  # per layer SlotCache (k, v [S, L, K, H]) or PagedSlotCache (kv [S, L, 2K, H])
+    caches: tuple  # per layer SlotCache (k, v [S, K, L, H]) or PagedSlotCache (kv [S, L, 2K, H])
     row: jax.Array  # [S] int32: the row in each slot, -1 if free
     step: jax.Array  # [S] int32: response index of `token`
     length: jax.Array  # [S] int32: tokens written into the slot's cache
@@ -45,7 +44,7 @@ class EngineState(NamedTuple):
 def _constrain_state(state: EngineState) -> EngineState:
     rows = ("activation_batch",)
     return state._replace(
-        caches=jax.tree.map(lambda c: shd.constrain(c, CACHE_AXES), state.caches),
+        caches=tuple(type(c)(*(shd.constrain(x, c.AXES) for x in c)) for c in state.caches),
         **{f: shd.constrain(getattr(state, f), rows) for f in ("row", "step", "length", "token", "logprob")})
 
 
