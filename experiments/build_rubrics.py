@@ -30,7 +30,7 @@ def main(argv):
     train, evals, _ = load_records(cfg)
     backend = make_judge_backend(cfg.judge, records=train)
     existing = load_rubrics(_OUT.value) if os.path.exists(_OUT.value) else {}
-    rubrics, failures = asyncio.run(build_rubrics(backend, train + evals, existing=existing))
+    rubrics, failures = asyncio.run(build_rubrics(backend, list(train) + evals, existing=existing))
     save_rubrics(_OUT.value, rubrics, template_key="rubric-builder.v1", judge_model=backend.model)
     shown = dict(list(failures.items())[:5])
     print(f"{len(rubrics)} rubrics in {_OUT.value}; {len(failures)} problems failed: {shown}")

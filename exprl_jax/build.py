@@ -3,23 +3,25 @@ records, and small run-level utilities (parameter digest, asset paths, the XLA c
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+from typing import Sequence
 
 import jax
 import numpy as np
 
 from exprl_jax import config as config_lib
+from exprl_jax import distributed, storage
 from exprl_jax.data import QARecord, load_gsm8k, load_math, read_jsonl
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.tokenizer import load_tokenizer, pad_id
 
 
 def params_sha256(params) -> str:
-    """Digest of every parameter's path, dtype, shape and bytes (host copy)."""
+    """Digest of every parameter's path, dtype, shape and bytes (host copy; with several processes every one
+    must call it, since shards on other processes are gathered)."""
     h = hashlib.sha256()
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda x: jax.tree_util.keystr(x[0])):
-        arr = np.asarray(jax.device_get(leaf))
+        arr = distributed.to_host(leaf)
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
@@ -30,8 +32,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def resolve_path(path: str) -> str:
     """A relative path that does not exist from the working directory is taken relative to the repository root,
-    so shipped assets (e.g. assets/testbed_base) are found from anywhere."""
-    if not path or os.path.isabs(path) or os.path.exists(path):
+    so shipped assets (e.g. assets/testbed_base) are found from anywhere. URLs (gs://...) are kept as given."""
+    if not path or not storage.is_local(path) or os.path.isabs(path) or os.path.exists(path):
         return path
     candidate = os.path.join(REPO_ROOT, path)
     return candidate if os.path.exists(candidate) else path
@@ -44,7 +46,9 @@ PRESETS = {"tiny": ModelConfig.tiny, "qwen3_0_6b": ModelConfig.qwen3_0_6b, "qwen
 def model_source(cfg: config_lib.ExperimentConfig) -> str:
     """The HF directory a run starts from ("" = a preset): init_checkpoint's final_hf, else hf_path."""
     m = cfg.model
-    return m.init_checkpoint and os.path.join(resolve_path(m.init_checkpoint), "final_hf") or resolve_path(m.hf_path)
+    if m.init_checkpoint:
+        return os.fspath(storage.as_path(resolve_path(m.init_checkpoint)) / "final_hf")
+    return resolve_path(m.hf_path)
 
 
 def model_config(cfg: config_lib.ExperimentConfig, tokenizer=None) -> ModelConfig:
@@ -55,8 +59,7 @@ def model_config(cfg: config_lib.ExperimentConfig, tokenizer=None) -> ModelConfi
                                          "logits_chunk")}
     source = model_source(cfg)
     if source:
-        with open(os.path.join(source, "config.json")) as f:
-            return ModelConfig.from_hf_config(json.load(f), **fields)
+        return ModelConfig.from_hf_config(storage.read_json(storage.as_path(source) / "config.json"), **fields)
     if m.preset not in PRESETS:
         raise ValueError(f"config.model.preset={m.preset!r}; expected one of {tuple(PRESETS)}")
     fields.update({k: getattr(m, k) for k in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -79,9 +82,12 @@ def build_model(cfg: config_lib.ExperimentConfig, mesh=None):
         overrides = {k: getattr(config, k) for k in ("param_dtype", "dtype", "attention_impl", "scan_layers",
                                                      "remat", "logits_chunk")}
         model_cfg, params = load_hf(source, mesh=mesh, **overrides)
-        tokenizer = load_tokenizer(source if os.path.isfile(os.path.join(source, "tokenizer.json"))
-                                   else cfg.model.tokenizer)
-        return model_cfg, params, tokenizer
+        if not (storage.as_path(source) / "tokenizer.json").exists():
+            return model_cfg, params, load_tokenizer(cfg.model.tokenizer)
+        from exprl_jax.models.hf import TOKENIZER_FILES
+
+        with storage.local_dir(source, names=TOKENIZER_FILES) as local:  # read whole: a download may then go
+            return model_cfg, params, load_tokenizer(local)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     model_cfg = model_config(cfg, tokenizer)
     if model_cfg.vocab_size < len(tokenizer):
@@ -89,7 +95,10 @@ def build_model(cfg: config_lib.ExperimentConfig, mesh=None):
     return model_cfg, None, tokenizer  # None: init_train_state creates the params already sharded
 
 
-def load_records(cfg: config_lib.ExperimentConfig) -> tuple[list[QARecord], list[QARecord], dict]:
+def load_records(cfg: config_lib.ExperimentConfig) -> tuple[Sequence[QARecord], list[QARecord], dict]:
+    """(train records, eval records, data stats) of a config. TFDS training records are read lazily, so the data
+    cursor (`data.records_at`, per process) reads only the rows it picks; `data.filter_path` keeps the records a
+    filter_hard.py result kept."""
     d = cfg.data
     stats: dict = {}
     if d.source == "toy_addition":
@@ -99,27 +108,65 @@ def load_records(cfg: config_lib.ExperimentConfig) -> tuple[list[QARecord], list
     elif d.source in ("jsonl", "gsm8k", "math"):
         if not d.train_path:
             raise ValueError(f"config.data.train_path is required for data.source={d.source!r}")
-
-        def load(path):
-            if d.source == "gsm8k":
-                return load_gsm8k(path), {}
-            if d.source == "math":
-                from exprl_jax.rewards.answers import extract_answer
-
-                return load_math(path, extract_answer=extract_answer), {}
-            return read_jsonl(path, on_bad_row=d.on_bad_row)
-
-        train, stats = load(d.train_path)
-        evals = load(d.eval_path)[0] if d.eval_path else []
+        train, stats = _load_file(d, d.train_path)
+        evals = _load_file(d, d.eval_path)[0] if d.eval_path else []
     elif d.source == "testbed":
         from exprl_jax.tasks.testbed import testbed_records
 
         train, evals = testbed_records(cfg)
+    elif d.source == "tfds":
+        if not d.tfds_name:
+            raise ValueError("config.data.tfds_name is required for data.source='tfds' (e.g. 'exprl_qa/gsm8k')")
+        train = _open_tfds(d, d.tfds_name, d.tfds_train_split)
+        evals = (_load_file(d, d.eval_path)[0] if d.eval_path else
+                 _open_tfds(d, d.tfds_name, d.tfds_eval_split)[:d.num_eval] if d.tfds_eval_split else [])
+    elif d.source == "mixture":
+        from exprl_jax.data.mixture import Mixture, parse_weights
+
+        if not d.mixture or not d.domain_weights:
+            raise ValueError("data.source='mixture' needs config.data.mixture and config.data.domain_weights")
+        train = Mixture([_component(d, entry, d.tfds_train_split) for entry in d.mixture],
+                        parse_weights(d.domain_weights), names=d.mixture)
+        stats.update({f"data/domain_records/{k}": v for k, v in train.domain_counts().items()})
+        evals = _load_file(d, d.eval_path)[0] if d.eval_path else [
+            r for entry in d.eval_mixture for r in _component(d, entry, d.tfds_eval_split)[:d.num_eval]]
     else:
         raise ValueError(f"config.data.source={d.source!r} is not known")
+    if d.filter_path:
+        from exprl_jax.data.hard_filter import apply_filter
+
+        num_before = len(train)
+        train = apply_filter(train, resolve_path(d.filter_path))
+        stats.update({"data/filter_pool": num_before, "data/filter_kept": len(train)})
     if d.num_train:
-        train = train[:d.num_train]
-    return train, evals[:d.num_eval], stats
+        train = train.subset(lambda i, _: i < d.num_train) if hasattr(train, "subset") else train[:d.num_train]
+    return train, list(evals[:d.num_eval]), stats
+
+
+def _load_file(d, path: str):
+    if d.source == "gsm8k":
+        return load_gsm8k(path), {}
+    if d.source == "math":
+        from exprl_jax.rewards.answers import extract_answer
+
+        return load_math(path, extract_answer=extract_answer), {}
+    return read_jsonl(path, on_bad_row=d.on_bad_row)
+
+
+def _open_tfds(d, name: str, split: str):
+    from exprl_jax.data.tfds_reader import open_tfds
+
+    return open_tfds(name, split, resolve_path(d.tfds_data_dir), shared_data=d.shared_data or None)
+
+
+def _component(d, entry: str, default_split: str):
+    """One mixture entry's records: a JSONL file or a TFDS split."""
+    from exprl_jax.data.mixture import parse_component
+
+    kind, name, split = parse_component(entry)
+    if kind == "jsonl":
+        return read_jsonl(resolve_path(name), on_bad_row=d.on_bad_row)[0]
+    return _open_tfds(d, name, split or default_split)
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:

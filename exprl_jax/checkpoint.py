@@ -1,18 +1,21 @@
-"""Orbax checkpoints of the TrainState plus a JSON sidecar (data cursor, RNG streams, config) for exact resume."""
+"""Orbax checkpoints of the TrainState plus a JSON sidecar (data cursor, RNG streams, config) for exact resume.
+Local or object-store directories (gs://...); in a multi-process run every process calls save / restore with
+its shards and Orbax writes each array once."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from exprl_jax import storage
+
 
 class Checkpointer:
     """Saves every `save_every` steps (and whenever `force=True`), keeps the last `max_to_keep`."""
 
-    def __init__(self, directory: str, *, save_every: int = 1, max_to_keep: int = 3):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory, *, save_every: int = 1, max_to_keep: int = 3):
+        self.directory = storage.as_path(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,

@@ -6,6 +6,7 @@ dotted key. Every field has a comment; defaults follow SPEC §5 where the paper 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from typing import Any
@@ -43,9 +44,20 @@ class MeshSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSection:
-    source: str = "toy_addition"  # "toy_addition", "jsonl", "gsm8k", "math"
+    source: str = "toy_addition"  # "toy_addition", "jsonl", "gsm8k", "math", "testbed", "tfds", "mixture"
     train_path: str = ""  # for jsonl / gsm8k / math
-    eval_path: str = ""
+    eval_path: str = ""  # also for tfds / mixture: a JSONL eval set instead of the TFDS one
+    tfds_name: str = ""  # source "tfds": e.g. "exprl_qa/gsm8k" (python -m exprl_jax.data.build_tfds)
+    tfds_data_dir: str = ""  # TFDS data folder ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets); an exprl_qa config
+    #                          not built there yet is built from the shared data folder first (nothing downloaded)
+    tfds_train_split: str = "train"  # TFDS split syntax, slicing allowed ("test[:2000]")
+    tfds_eval_split: str = "test"  # "" = no eval set
+    shared_data: str = ""  # the shared data folder for building exprl_qa ("" = $EXPRL_SHARED_DATA or ../shared/data)
+    mixture: tuple[str, ...] = ()  # source "mixture": TFDS names ("exprl_qa/minerva_math[test]"; default split
+    #                                tfds_train_split) and/or JSONL paths, pooled and drawn by domain_weights
+    eval_mixture: tuple[str, ...] = ()  # the mixture's eval sets, same syntax; num_eval records of each
+    domain_weights: tuple[str, ...] = ()  # "domain=weight" per domain of the mixture, e.g. ("math=0.6", "science=0.4")
+    filter_path: str = ""  # a filter_hard.py result (JSON): train only on the records it kept
     num_train: int = 0  # > 0: keep only the first n training records
     num_eval: int = 64
     on_bad_row: str = "error"  # or "skip" (skipped rows are counted in metrics)
@@ -64,8 +76,14 @@ class RolloutSection:
     temperature: float = 0.8  # SPEC §5
     top_p: float = 1.0
     top_k: int = 0
-    recompute_logprobs: str = "auto"  # "true" / "false" / "auto" (= on unless model.dtype is float32): behaviour
-    #                                   log-probs from the training forward, so the first update's ratio is exactly 1
+    ignore_eos: bool = False  # sample exactly max_new_tokens (benchmarks): EOS does not end a rollout, every row is
+    #                           then "truncated" (SPEC §4 Overlong: reward 0 without a judge call)
+    recompute_logprobs: str = "auto"  # "true" / "false" / "auto" (= on unless model.dtype and rollout.dtype are
+    #                                   float32): behaviour log-probs from the training forward, so the first
+    #                                   update's ratio is exactly 1
+    dtype: str = "auto"  # weights and compute of the rollout engine's copy of the policy; "auto" = model.dtype
+    max_concurrent_rows: int = 0  # cache slots of the rollout engine (0 = every row of a call at once); finished
+    #                               rows' slots are refilled, so any number of rows samples through bounded memory
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,6 +139,9 @@ class JudgeSection:
     reference: str = "own"  # "other": judge against another training problem's reference (a drift control)
     noise: float = 0.0  # programmatic: share of verdicts replaced by a uniform 1..5 draw (misplacement ~ noise/2)
     rubric_path: str = ""  # JSON of per-problem checkpoints built once (optional)
+    domain_templates: tuple[str, ...] = ()  # "domain=template set" added to judge.reward.DOMAIN_TEMPLATE_SETS
+    #                                         (math / testbed -> math, science -> science, code -> code); a record's
+    #                                         domain picks its judge template, and a domain without one is an error
     max_unscored_steps: int = 5  # stop after this many consecutive steps with nothing scored (0 = never)
 
 
@@ -221,6 +242,9 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
     loss = dataclasses.replace(loss, **changes)
     if loss.scale_by_std not in ("true", "false"):
         raise ValueError(f"config.loss.scale_by_std={loss.scale_by_std!r}; expected 'true', 'false' or 'auto'")
+    if cfg.rollout.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"config.rollout.dtype={cfg.rollout.dtype!r}; expected 'auto', 'float32', 'bfloat16' or "
+                         "'float16'")
     if cfg.rollout.recompute_logprobs not in ("auto", "true", "false"):
         raise ValueError(f"config.rollout.recompute_logprobs={cfg.rollout.recompute_logprobs!r}; expected 'true', "
                          "'false' or 'auto'")
@@ -297,15 +321,21 @@ def default_config_dict():
     return ml_collections.ConfigDict(to_dict(ExperimentConfig()))
 
 
+def config_from_file(path: str, *args):
+    """The `ml_collections.ConfigDict` a config file's `get_config(*args)` returns (also for one config file built
+    on another: `config_from_file(os.path.join(os.path.dirname(__file__), "qwen3_4b_exprl.py"))`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"exprl_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
 def load_config(path: str, **overrides) -> ExperimentConfig:
     """An ExperimentConfig from a config file's `get_config()`, with dotted-key overrides (`**{"train.steps": 2}`),
     checked like command-line overrides."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("exprl_config_file", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    values = module.get_config().to_dict()
+    values = config_from_file(path).to_dict()
     for dotted, value in overrides.items():
         node = values
         *parents, leaf = dotted.split(".")

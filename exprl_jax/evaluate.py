@@ -89,27 +89,38 @@ def chain_reach(progress_per_sample, totals) -> list[float]:
 
 def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: int, temperature: float,
                     max_new_tokens: int, template: str, answer_style: str, eos, pad: int, mesh=None,
-                    delimiter: str = "###", prompts_per_batch: int = 0, chat: bool = False) -> dict:
+                    delimiter: str = "###", prompts_per_batch: int = 0, chat: bool = False,
+                    max_concurrent_rows: int = 0, progress: str | None = None) -> dict:
     """n samples per problem at `temperature`, answers checked for equivalence (not string equality), pass@k for
     k = 1, 2, 4, ... n, and behaviour statistics (SPEC §7). A sample whose check gave no verdict (checker timeout)
     is left out of its problem's count and counted in `no_verdict`; pass@k averages over the problems with at
     least k verdicts. Records that carry `checkpoints` also get exact-trace success (the programmatic judge's
     level 5: every checkpoint established, none contradicted, and the answer: `exact_pass@k`), the mean share of
     checkpoints established, and `chain_reach` (accuracy per chain position; per problem, `reach[j-1]` counts the
-    samples whose first j steps are right). Returns {"metrics", "pass_at_k", "per_problem", "chain_reach"}."""
+    samples whose first j steps are right). `progress`: a label for console lines at the start and after every
+    chunk of `prompts_per_batch` problems. Returns {"metrics", "pass_at_k", "per_problem", "chain_reach"}."""
+    import time
+
     import jax
 
+    from exprl_jax import distributed
     from exprl_jax.config import RolloutSection
     from exprl_jax.judge.programmatic import checkpoints_of, verify
+    from exprl_jax.metrics import report_progress
     from exprl_jax.rewards.sparse import answer_verdicts
     from exprl_jax.rollouts import sample_rollouts
 
     sampling = RolloutSection(group_size=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                              top_p=1.0, top_k=0)
+                              top_p=1.0, top_k=0, max_concurrent_rows=max_concurrent_rows)
     batch = prompts_per_batch or len(records)
     with_checkpoints = all(rec.checkpoints for rec in records)
-    verdicts, exact, checkpoint_fracs, progress, totals = [], [], [], [], []
+    verdicts, exact, checkpoint_fracs, chain_progress, totals = [], [], [], [], []
     lengths, truncated, segments, texts = [], [], [], []
+    started = time.time()
+    progress = progress if distributed.is_primary() else None  # one process speaks for a multi-process run
+    if progress:
+        print(f"{progress}: sampling {len(records)} problems x {num_samples} (up to {max_new_tokens} new tokens)",
+              flush=True)
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
         r = sample_rollouts(model_cfg, params, tokenizer, chunk, jax.random.fold_in(rng, start),
@@ -121,12 +132,14 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
                 v = verify(text, checkpoints_of("\n".join(rec.checkpoints)), rec.answer)
                 exact.append(bool(v.complete and not cut))
                 checkpoint_fracs.append(v.established / v.total)
-                progress.append(v.progress)
+                chain_progress.append(v.progress)
                 totals.append(v.total)
         lengths += r.lengths.tolist()
         truncated += r.truncated.tolist()
         segments += [sum(1 for piece in t.split(delimiter) if piece.strip()) for t in r.texts]
         texts += r.texts
+        if progress:
+            report_progress(progress, start + len(chunk), len(records), "problems", started)
     verdicts_PS = np.asarray(verdicts).reshape(len(records), num_samples)
     judged_P = (~np.isnan(verdicts_PS)).sum(axis=1)
     correct_P = np.nansum(verdicts_PS, axis=1).astype(int)
@@ -142,7 +155,7 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
     exact_P, reach_P = None, [None] * len(records)
     if with_checkpoints:
         exact_P = np.asarray(exact).reshape(len(records), num_samples).sum(axis=1)
-        progress_PS = np.asarray(progress).reshape(len(records), num_samples)
+        progress_PS = np.asarray(chain_progress).reshape(len(records), num_samples)
         reach_P = [[int((progress_PS[i] >= j).sum()) for j in range(1, len(rec.checkpoints) + 1)]
                    for i, rec in enumerate(records)]
         metrics.update({f"exact_pass@{k}": v for k, v in pass_at_k_table([num_samples] * len(records),
@@ -152,7 +165,7 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
                     **({"exact": int(exact_P[i]), "reach": reach_P[i]} if exact_P is not None else {}),
                     "example": texts[i * num_samples][:500]} for i, rec in enumerate(records)]
     return {"metrics": metrics, "pass_at_k": {str(k): v for k, v in table.items()}, "per_problem": per_problem,
-            "chain_reach": chain_reach(progress, totals) if with_checkpoints else []}
+            "chain_reach": chain_reach(chain_progress, totals) if with_checkpoints else []}
 
 
 def _pass_at_k_judged(judged_P, correct_P, ks) -> dict[int, float]:

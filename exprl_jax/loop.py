@@ -2,17 +2,18 @@
 
 Step s uses the key fold_in(key(seed + 1), s): sampling fold_in(k, 0), updates fold_in(k, 1). With judge.overlap the
 rollouts of step s+1 are sampled (with the params before update s) while the judge scores step s; they are saved
-with each checkpoint, so a resume replays them exactly.
+with each checkpoint, so a resume replays them exactly. Every process runs the loop; process 0 writes the files.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import jax
 import numpy as np
 
+from exprl_jax import distributed
+from exprl_jax.metrics import StepProgress
 from exprl_jax.rollouts import load_rollouts, save_rollouts
 
 log = logging.getLogger(__name__)
@@ -46,18 +47,15 @@ def train_loop(exp, state, start: int, runner, ckpt, logger):
     watch = JudgeWatch(cfg.judge.max_unscored_steps)
 
     def pending_path(s):
-        return os.path.join(ckpt.directory, f"pending_rollouts_{s}.npz")
+        return ckpt.directory / f"pending_rollouts_{s}.npz"
 
     def sample_step(params, s):
         return runner.sample(params, exp.records_at(s), jax.random.fold_in(step_key(cfg.seed, s), 0))
 
     pending = None
-    if overlap and start > 0 and os.path.exists(pending_path(start)):
+    if overlap and start > 0 and distributed.from_primary(pending_path(start).exists):
         pending = load_rollouts(pending_path(start), exp.records_at(start), exp.tokenizer, exp.eos)
-    from tqdm import tqdm
-
-    progress = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc=cfg.method,
-                    dynamic_ncols=True, disable=None)
+    progress = StepProgress(start, cfg.train.steps, cfg.train.log_every, cfg.method)
     for step in progress:
         step_start = time.time()
         update_key = jax.random.fold_in(step_key(cfg.seed, step), 1)
@@ -76,17 +74,17 @@ def train_loop(exp, state, start: int, runner, ckpt, logger):
         failure = watch.failure(metrics)
         if failure:  # logged, not checkpointed: a re-run repeats this step
             raise RuntimeError(failure)
-        progress.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in ("loss/total", "reward/mean",
-                              "reward/sparse_acc") if isinstance(row.get(k), float)})
-        if pending is not None:
-            save_rollouts(pending_path(step + 1), pending)
+        progress.update(step + 1, row)
+        if pending is not None:  # before the checkpoint, so a checkpoint never lacks its pending rollouts
+            distributed.from_primary(lambda: save_rollouts(pending_path(step + 1), pending))
         meta = {"iteration": step + 1, "seed": cfg.seed, "optimizer_step": int(state.step),
                 "data_cursor": exp.cursor(step + 1),
                 "rng_key_data": np.asarray(jax.random.key_data(step_key(cfg.seed, step + 1))).tolist(),
                 "pending_rollouts": pending is not None}
         ckpt.save(step + 1, state, meta, force=step + 1 == cfg.train.steps)
-        for old in range(max(0, step - cfg.train.keep_checkpoints * cfg.train.save_every), step + 1):
-            if os.path.exists(pending_path(old)) and old not in (ckpt.all_steps() or ()):
-                os.remove(pending_path(old))
+        if distributed.is_primary():
+            for old in range(max(0, step - cfg.train.keep_checkpoints * cfg.train.save_every), step + 1):
+                if pending_path(old).exists() and old not in (ckpt.all_steps() or ()):
+                    pending_path(old).unlink()
     return state
 

@@ -14,6 +14,7 @@ import os
 
 import jax
 
+from exprl_jax import distributed, storage
 from exprl_jax.build import build_model, load_records, params_sha256, resolve_path
 from exprl_jax.config import ExperimentConfig
 from exprl_jax.experiment import Experiment
@@ -74,7 +75,8 @@ def evaluate_sets(cfg: ExperimentConfig, model_cfg, params, tokenizer, sets: dic
             num_samples=num_samples, temperature=ev.temperature, max_new_tokens=_max_new_tokens(cfg, records),
             template=cfg.data.prompt_template, answer_style=cfg.data.answer_style, eos=eos_ids(tokenizer),
             pad=pad_id(tokenizer), delimiter=cfg.process.delimiter, chat=cfg.data.chat_template,
-            prompts_per_batch=max(1, MAX_EVAL_ROWS // num_samples))
+            prompts_per_batch=max(1, MAX_EVAL_ROWS // num_samples),
+            max_concurrent_rows=cfg.rollout.max_concurrent_rows, progress=f"eval {name}")
         examples = [p.pop("example") for p in report["per_problem"]][:4]
         out[name] = {**report, "examples": examples}
     return out
@@ -100,16 +102,24 @@ def cached_evaluation(cfg: ExperimentConfig, model_cfg, params, tokenizer, sets:
                                                  for n, recs in sets.items()}).encode()).hexdigest()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(cfg), f"eval_{digest}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)["reports"]
+    # process 0 decides hit or miss for every process (a miss samples on all of them: a collective) and writes
+    cached = distributed.from_primary(lambda: _read_json(path))
+    if cached is not None:
+        return cached["reports"]
     reports = evaluate_sets(cfg, model_cfg, params, tokenizer, sets, num_samples=num_samples, salt=salt)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"key": key, "reports": reports}, f)
-    os.replace(tmp, path)
+    distributed.from_primary(lambda: _write_json(path, {"key": key, "reports": reports}))
     return reports
+
+
+def _read_json(path: str):
+    p = storage.as_path(path)
+    return storage.read_json(p) if p.exists() else None
+
+
+def _write_json(path: str, obj) -> None:
+    p = storage.as_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_json(p, obj, indent=None)
 
 
 def _load(cfg: ExperimentConfig, workdir: str | None):
@@ -125,16 +135,17 @@ def _load(cfg: ExperimentConfig, workdir: str | None):
     from exprl_jax.tokenizer import load_tokenizer
 
     model_cfg, params = load_hf(os.path.join(workdir, "final_hf"), dtype=cfg.model.dtype)
-    return model_cfg, params, load_tokenizer(os.path.join(workdir, "final_hf"))
+    with storage.local_dir(os.path.join(workdir, "final_hf")) as local:  # local, or gs:// through a download
+        return model_cfg, params, load_tokenizer(local)
 
 
 def _stage_eval(path: str, compute) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    """The evaluation stored at `path` (local or gs://), else `compute()` (on every process) stored there."""
+    done = distributed.from_primary(lambda: _read_json(path))
+    if done is not None:
+        return done
     result = compute()
-    with open(path, "w") as f:
-        json.dump(result, f)
+    distributed.from_primary(lambda: _write_json(path, result))
     return result
 
 
@@ -142,7 +153,7 @@ def run_pipeline(cfg: ExperimentConfig, workdir: str, *, on_base_eval=None) -> d
     """Base evaluation, Stage I (cfg.method; skipped when cfg.train.steps == 0), its evaluation, Stage II (if
     cfg.stage2.steps > 0) and its evaluation. `on_base_eval(reports)` runs after the base evaluation, before any
     training (the default run prints its minimum detectable effect there)."""
-    os.makedirs(workdir, exist_ok=True)
+    distributed.from_primary(lambda: storage.as_path(workdir).mkdir(parents=True, exist_ok=True))
     sets = evaluation_sets(cfg)
     hardest = dict([list(sets.items())[-1]])
     ev = cfg.eval
@@ -156,7 +167,7 @@ def run_pipeline(cfg: ExperimentConfig, workdir: str, *, on_base_eval=None) -> d
         return out
 
     base = _stage_eval(os.path.join(workdir, "eval_base.json"), base_eval)
-    if cfg.data.source == "testbed":
+    if cfg.data.source == "testbed" and distributed.is_primary():
         print(format_mde(minimum_detectable_effects_of(base, cfg, seeds=1)), flush=True)  # before any training
     if on_base_eval is not None:
         on_base_eval(base)
@@ -180,12 +191,15 @@ def run_pipeline(cfg: ExperimentConfig, workdir: str, *, on_base_eval=None) -> d
 
         s2 = _stage_eval(os.path.join(workdir, "eval_stage2.json"), stage2_eval)
         summary.update(stage2=s2["ladder"], stage2_final=s2.get("final"))
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump({k: v for k, v in summary.items() if not k.endswith("_results")}, f, indent=1)
     table = format_table(summary, cfg, workdir)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    plot_pass_at_k(summary, os.path.join(workdir, "pass_at_k.png"), title=f"{cfg.name}: {cfg.method}")
+
+    def write():  # once, by process 0
+        out = storage.as_path(workdir)
+        storage.write_json(out / "summary.json", {k: v for k, v in summary.items() if not k.endswith("_results")})
+        (out / "summary.md").write_text(table + "\n")
+        plot_pass_at_k(summary, out / "pass_at_k.png", title=f"{cfg.name}: {cfg.method}")
+
+    distributed.from_primary(write)
     summary["table"] = table
     return summary
 
@@ -202,8 +216,10 @@ def _trained_eval(cfg: ExperimentConfig, stage_dir: str, sets: dict) -> dict:
         from exprl_jax.judge.monitors import run_canaries
         from exprl_jax.rewards.factory import make_reward_fn
 
-        reward_fn = make_reward_fn(dataclasses.replace(cfg, judge=dataclasses.replace(cfg.judge, cache=False)),
-                                   stage_dir, load_records(cfg)[0])
+        reward_config = dataclasses.replace(cfg, judge=dataclasses.replace(cfg.judge, cache=False))
         rung = list(reports)[-1]
-        reports[rung]["metrics"].update(asyncio.run(run_canaries(reward_fn, sets[rung])))
+        # process 0 alone calls the judge; every process gets the canary metrics
+        canaries = distributed.from_primary(lambda: asyncio.run(run_canaries(
+            make_reward_fn(reward_config, stage_dir, load_records(cfg)[0]), sets[rung])))
+        reports[rung]["metrics"].update(canaries)
     return reports

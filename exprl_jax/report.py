@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from exprl_jax import storage
 from exprl_jax.metrics import read_metrics
 from exprl_jax.significance import format_ci, mde, mde_resampled, paired_bootstrap, per_problem_pass_at_k
 
@@ -41,8 +42,10 @@ def mean_se(values) -> str:
 
 def training_signal(stage1_dir: str, window: int = 10) -> list[str]:
     """Groups with any GRPO signal under the judge vs the answer check, and the judge reward's first/last steps."""
-    path = os.path.join(stage1_dir, "metrics.jsonl")
-    rows = [r for r in read_metrics(path) if r["step"] > 0] if os.path.exists(path) else []
+    try:
+        rows = [r for r in read_metrics(os.path.join(stage1_dir, "metrics.jsonl")) if r["step"] > 0]
+    except FileNotFoundError:  # no steps logged
+        rows = []
     if not rows:
         return []
     lines = []
@@ -177,5 +180,6 @@ def plot_pass_at_k_curves(curves, path: str, title: str = "", ylabel: str = "pas
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7 if len(curves) > 3 else None)
     fig.tight_layout()
-    fig.savefig(path)
+    with storage.as_path(path).open("wb") as f:  # local or gs://
+        fig.savefig(f, format="png")
     plt.close(fig)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 from typing import Sequence
 
 import jax
 import numpy as np
 
+from exprl_jax import distributed, storage
 from exprl_jax import sharding as shd
 from exprl_jax.data import QARecord, build_prompt
 from exprl_jax.batching import batch_shards, chunks_of_rows
@@ -83,7 +85,8 @@ def sample_rollouts(model_cfg: ModelConfig, params, tokenizer, records: Sequence
     G = rollout_cfg.group_size
     out = generate(model_cfg, params, prompts, rng, max_new_tokens=rollout_cfg.max_new_tokens,
                    num_samples=G, temperature=rollout_cfg.temperature,
-                   top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, eos_ids=eos, pad_id=pad, mesh=mesh).to_numpy()
+                   top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, eos_ids=() if rollout_cfg.ignore_eos else eos,
+                   pad_id=pad, mesh=mesh, max_concurrent_rows=rollout_cfg.max_concurrent_rows).to_numpy()
     prompt_tokens, prompt_mask = pad_prompts(prompts, pad)
     return Rollouts(records=list(records), group_size=G, prompt_tokens=np.repeat(prompt_tokens, G, axis=0),
                     prompt_mask=np.repeat(prompt_mask, G, axis=0), tokens=out.tokens, logprobs=out.logprobs,
@@ -116,26 +119,24 @@ def score_responses(model_cfg: ModelConfig, params, batch: dict, temperature: fl
     for _, rows, part in chunks_of_rows(batch, chunk, batch_shards(mesh)):
         part = shd.shard_batch(part, mesh) if mesh is not None else part
         scored = _score(params, part, model_cfg=model_cfg, temperature=float(temperature), mesh=mesh)
-        outs.append(np.asarray(jax.device_get(scored))[:rows])
+        outs.append(distributed.to_host(scored)[:rows])
     return np.concatenate(outs, axis=0)
 
 
 _ARRAY_FIELDS = ("prompt_tokens", "prompt_mask", "tokens", "logprobs", "lengths", "truncated")
 
 
-def save_rollouts(path: str, r: Rollouts) -> None:
+def save_rollouts(path, r: Rollouts) -> None:
     """Writes a step's sampled-but-not-yet-trained rollouts (overlap mode) atomically, for exact resume."""
-    tmp = f"{path}.tmp.npz"
     gap = np.nan if r.logprob_gap_max is None else r.logprob_gap_max
-    np.savez(tmp, group_size=r.group_size, record_ids=np.array([x.id for x in r.records]), logprob_gap_max=gap,
+    buffer = io.BytesIO()
+    np.savez(buffer, group_size=r.group_size, record_ids=np.array([x.id for x in r.records]), logprob_gap_max=gap,
              **{k: getattr(r, k) for k in _ARRAY_FIELDS})
-    import os
-
-    os.replace(tmp, path)
+    storage.write_bytes_atomic(path, buffer.getvalue())
 
 
-def load_rollouts(path: str, records: Sequence[QARecord], tokenizer, eos: Sequence[int]) -> Rollouts:
-    with np.load(path) as f:
+def load_rollouts(path, records: Sequence[QARecord], tokenizer, eos: Sequence[int]) -> Rollouts:
+    with np.load(io.BytesIO(storage.as_path(path).read_bytes())) as f:
         ids = [str(x) for x in f["record_ids"]]
         if ids != [x.id for x in records]:
             raise ValueError(f"{path}: saved rollouts belong to records {ids[:3]}..., not this step's")

@@ -81,13 +81,13 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
     return P(*out)
 
 
-def param_shardings(boxed_params, mesh: Mesh):
+def param_shardings(boxed_params, mesh: Mesh, rules=LOGICAL_RULES):
     """NamedShardings for a pytree of `nn.LogicallyPartitioned` (e.g. from `jax.eval_shape(init)`)."""
 
     def one(leaf):
         names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else (None,) * np.ndim(leaf)
         value = leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf
-        return NamedSharding(mesh, logical_to_spec(names, value.shape, mesh))
+        return NamedSharding(mesh, logical_to_spec(names, value.shape, mesh, rules))
 
     return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 

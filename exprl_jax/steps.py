@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from exprl_jax import advantages as adv_lib
+from exprl_jax import distributed
 from exprl_jax import sharding as shd
 from exprl_jax.batching import batch_shards, minibatches, to_micro_batches
 from exprl_jax.data import QARecord
@@ -18,6 +19,7 @@ from exprl_jax.judge.templates import prompt_messages_text
 from exprl_jax.methods import loss_mask_key
 from exprl_jax.rewards.base import RewardBatch, Span, score_sync
 from exprl_jax.rewards.sparse import answer_verdicts, no_correct_frac
+from exprl_jax.rollout.weights import make_rollout_params, rollout_model_config
 from exprl_jax.rollouts import Rollouts, prompt_text, sample_rollouts, score_responses, sequence_batch
 from exprl_jax.sampling import pad_prompts
 
@@ -49,8 +51,8 @@ class StepRunner:
 
     def __init__(self, exp, update_fn):
         self.exp, self.cfg, self.update_fn = exp, exp.cfg, update_fn
-        self.reward_fn = None
-        if exp.spec.reward is not None:
+        self.reward_fn = None  # process 0 alone judges (every row) and shares the rewards; see `rl_step`
+        if exp.spec.reward is not None and distributed.is_primary():
             from exprl_jax.rewards.factory import make_reward_fn
 
             self.reward_fn = make_reward_fn(self.cfg, exp.workdir, exp.train_records)
@@ -59,8 +61,13 @@ class StepRunner:
 
             self.teacher_template = load_template("self-distill-teacher")
         self._judge_pool = ThreadPoolExecutor(max_workers=1)  # the judge runs beside the device, never inside jit
-        recompute = self.cfg.rollout.recompute_logprobs
-        self.recompute_logprobs = recompute == "true" or (recompute == "auto" and exp.model_cfg.dtype != "float32")
+        self._prefetched = None  # (rollouts, scoring future) of the next step, started as soon as it was sampled
+        rollout = self.cfg.rollout
+        self.rollout_model_cfg = rollout_model_config(exp.model_cfg, "" if rollout.dtype == "auto" else rollout.dtype)
+        self.rollout_params = make_rollout_params(exp.model_cfg, self.rollout_model_cfg, exp.mesh)
+        low_precision = exp.model_cfg.dtype != "float32" or self.rollout_model_cfg.dtype != "float32"
+        self.recompute_logprobs = rollout.recompute_logprobs == "true" or (
+            rollout.recompute_logprobs == "auto" and low_precision)
 
     def close(self):
         self._judge_pool.shutdown()
@@ -72,13 +79,17 @@ class StepRunner:
     def rl_step(self, state, rollouts: Rollouts, key, *, sample_next=None):
         """Scores `rollouts` (host thread) while the device computes reference / teacher log-probs and, given
         `sample_next(params)`, samples the next step with the pre-update params (judge overlap). Then builds the
-        batch and updates. Returns (state, metrics, next step's rollouts or None)."""
-        scoring = self._judge_pool.submit(self.score, rollouts)
+        batch and updates. The next step's rollouts go to the judge as soon as they exist, so their scoring also
+        runs beside this step's update. Returns (state, metrics, next step's rollouts or None)."""
+        scoring = self._scoring_of(rollouts) if distributed.is_primary() else None
         t_device = time.time()
         ref_logprobs = self.reference_logprobs(rollouts)
         pending, sample_s = sample_next(state.params) if sample_next is not None else (None, 0.0)
+        if pending is not None and distributed.is_primary():
+            # judged from now on, queued behind this step's scoring (one worker); rewards never depend on params
+            self._prefetched = (pending, self._judge_pool.submit(self.score, pending))
         device_done = time.time()
-        scored = scoring.result()
+        scored = distributed.from_primary(lambda: scoring.result())  # every process: the same rewards
         judge_s, waited = scored[3], max(0.0, time.time() - device_done)
         batch, metrics = self.build_batch(rollouts, scored, ref_logprobs)
         t = time.time()
@@ -93,6 +104,13 @@ class StepRunner:
                         "time/device_while_judging_s": device_done - t_device,
                         "time/judge_hidden_frac": 1.0 - waited / judge_s if judge_s > 0 else 1.0})
         return state, metrics, pending
+
+    def _scoring_of(self, rollouts: Rollouts):
+        """The scoring of `rollouts`: the one the previous step started when it sampled them, else a new one."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] is rollouts:
+            return prefetched[1]
+        return self._judge_pool.submit(self.score, rollouts)
 
     # ---- SFT: no sampling ----
     def sft_step(self, state, records: list[QARecord], key):
@@ -111,8 +129,8 @@ class StepRunner:
         are then recomputed by the training forward with the same params, so the first mini-batch's ratio is
         exactly 1 even when the sampler's low-precision log-probs differ from the trainer's (SPEC §5)."""
         t = time.time()
-        rollouts = sample_rollouts(self.exp.model_cfg, params, self.exp.tokenizer, records, key,
-                                   rollout_cfg=self.cfg.rollout, template=self.cfg.data.prompt_template,
+        rollouts = sample_rollouts(self.rollout_model_cfg, self.rollout_params(params), self.exp.tokenizer, records,
+                                   key, rollout_cfg=self.cfg.rollout, template=self.cfg.data.prompt_template,
                                    eos=self.exp.eos, pad=self.exp.pad, mesh=self.exp.mesh,
                                    chat=self.cfg.data.chat_template)
         if self.recompute_logprobs:
@@ -144,7 +162,7 @@ class StepRunner:
         records = r.row_records()
         reward_batch = RewardBatch(problems=[x.problem for x in records], references=[x.reference for x in records],
                                    answers=[x.answer for x in records], responses=r.texts, truncated=r.truncated,
-                                   group_size=r.group_size, segments=segments)
+                                   group_size=r.group_size, segments=segments, domains=[x.domain for x in records])
         result = score_sync(self.reward_fn, reward_batch)
         # a sparse reward is the answer check itself: run once per step (NaN: the checker gave no verdict)
         correct = (np.where(result.valid, result.scores, np.nan) if self.exp.spec.reward == "sparse"

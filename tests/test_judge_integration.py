@@ -60,12 +60,13 @@ def test_unscored_rows_are_excluded_from_advantages():
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_judge_hidden_fraction_with_a_slow_judge(tmp_path, overlap):
-    """Overlap samples step t+1 while the judge scores step t: the judge's wall time hides behind device work."""
+def test_judge_hidden_fraction_with_a_slow_judge(tmp_path, overlap, toy_base):
+    """Overlap samples step t+1 while the judge scores step t: the judge's wall time hides behind device work.
+    (From the toy base, whose rollouts end with EOS and so reach the judge.)"""
     with FaultServer(fault_rate=0.0, answer_fn=_score_answer, delay_s=0.3) as url:
         cfg = smoke_config(**{"train.steps": 3, "eval.at_start": False, "eval.at_end": False, "loss.kl_coef": 0.0,
                               "judge.backend": "openai", "judge.base_url": url, "judge.model": "slow-judge",
-                              "judge.overlap": overlap, "judge.cache": False})
+                              "judge.overlap": overlap, "judge.cache": False, "model.init_checkpoint": toy_base})
         Experiment(cfg, str(tmp_path)).run()
     rows = _train_rows(str(tmp_path))
     hidden = [r["time/judge_hidden_frac"] for r in rows[:-1]]  # the last step has no next step to sample

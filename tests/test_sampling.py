@@ -12,7 +12,8 @@ from exprl_jax import sharding as shd
 from exprl_jax.models import ModelConfig, forward, forward_with_cache, init_boxed, init_cache
 from exprl_jax.models import token_logprobs
 from exprl_jax.models.transformer import positions_from_mask
-from exprl_jax.sampling import _filter_logits, generate, pad_prompts, sample_token
+from exprl_jax.rollout.tokens import filter_logits as _filter_logits, sample_token
+from exprl_jax.sampling import generate, pad_prompts
 from conftest import random_params
 
 CFG = ModelConfig.tiny()
@@ -244,7 +245,7 @@ def test_sample_token_reports_unfiltered_logprob():
     # top_k 2 samples only ids 1 and 3, but reports log p under the full softmax: log 0.5 = -0.693 and
     # log 0.3 = -1.204, not the renormalised log(0.5/0.8) = -0.470 / log(0.3/0.8) = -0.981.
     logits = jnp.log(jnp.tile(jnp.array([[0.15, 0.5, 0.05, 0.3]], jnp.float32), (256, 1)))
-    token, logp = sample_token(jax.random.PRNGKey(0), logits, 1.0, 1.0, 2)
+    token, logp = sample_token(jax.random.split(jax.random.PRNGKey(0), logits.shape[0]), logits, 1.0, 1.0, 2)
     token, logp = np.asarray(token), np.asarray(logp)
     assert set(token.tolist()) == {1, 3}
     np.testing.assert_allclose(logp, np.where(token == 1, math.log(0.5), math.log(0.3)), atol=1e-6)

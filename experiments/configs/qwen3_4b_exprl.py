@@ -5,6 +5,12 @@
 The paper's ExpRL-Outcome Stage I (SPEC §5): Qwen3-4B-Instruct-2507 policy, a frozen copy of it as the judge
 served by any OpenAI-compatible server, 36 prompts x 10 samples, mini-batch 18 prompts, lr 1e-6, 230 steps.
 Needs accelerators (bf16); the shapes are those of `ModelConfig.qwen3_4b()`.
+
+As shipped, per the TPU compiler (`python -m exprl_jax.plan`, commands below; GiB per chip, 2026-11-30):
+  v5p-32 (fsdp 4 x tensor 4): update 27.93 peak (24.16 temporaries), reference pass 6.86, rollout prefill 26.86,
+    refill 26.53, decode 26.17 (128 slots; the KV cache is 20.25); fits, 27.9 of 95; up to 360 slots fit.
+  v5e-64 (fsdp 16 x tensor 4): update 7.82 (6.87 temporaries), reference pass 1.94, prefill 8.17, refill 8.20,
+    decode 8.27 (KV cache 5.06); fits, 8.3 of 16; up to 272 slots fit.
 """
 from exprl_jax.config import default_config_dict
 
@@ -17,7 +23,7 @@ def get_config():
     c.model.tokenizer = ""  # comes with hf_path
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
-    # Memory layout, checked by the TPU compiler (the numbers are in the module docstring):
+    # Memory layout, checked by the TPU compiler (its figures are in the module docstring):
     #   python -m exprl_jax.plan --config=experiments/configs/qwen3_4b_exprl.py --topology=v5p-32
     #   python -m exprl_jax.plan --config=experiments/configs/qwen3_4b_exprl.py --topology=v5e-64
     c.mesh.shape = (1, -1, 4)  # FSDP over the rest x 4-way tensor parallelism (heads, kv heads, MLP, vocab)
@@ -27,6 +33,8 @@ def get_config():
     c.model.logits_chunk = 1024  # positions per chunk of the 151,936-way vocabulary projection
     c.train.micro_batch_size = 16  # rows per micro-step (one row per 4-chip tensor group on a v5e-64)
     c.rollout.max_prompt_tokens = 2048  # the paper's prompts fit in ~2k tokens; longer ones are an error
+    c.rollout.dtype = "bfloat16"  # the engine samples from a bf16, tensor-parallel copy of the policy
+    c.rollout.max_concurrent_rows = 128  # KV cache slots; plan prints the largest that fits
     c.data.source = "jsonl"
     c.data.chat_template = True  # an instruction-tuned policy
     c.data.prompt_template = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."

@@ -21,24 +21,17 @@ It keeps the project's behaviour where the fork's is a hazard:
   - an Outcome rollout that hits the length limit gets 0 without a judge call (the fork calls the judge and drops
     the rollout when the answer is unparseable).
 Not reproduced: the fork's token-mean per micro-batch under dynamic batch size (a token's weight depends on its
-micro-batch; the project normalises over the whole mini-batch, SPEC §5), its length-balanced reordering of
-rollouts before the mini-batch split, and old log-probs recomputed by the training engine (the project uses the
-sampler's).
+micro-batch; the project normalises over the whole mini-batch, SPEC §5) and its length-balanced reordering of
+rollouts before the mini-batch split. Like the fork, the old log-probs come from the training forward (the base
+config samples in bf16, so rollout.recompute_logprobs="auto" recomputes them).
 """
-import importlib.util
 import os
 
-
-def _base_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3_4b_exprl.py")
-    spec = importlib.util.spec_from_file_location("qwen3_4b_exprl", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from exprl_jax.config import config_from_file
 
 
 def get_config():
-    c = _base_config()
+    c = config_from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3_4b_exprl.py"))
     c.name = "qwen3_4b_exprl_outcome_authors"
     c.process.variant = "authors"
     c.process.single_segment = "score"

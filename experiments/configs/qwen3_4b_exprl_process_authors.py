@@ -8,20 +8,13 @@ its docstring lists what that changes and keeps) with the Process scripts' setti
 whole 36-prompt batch in one update (fully on-policy), clip_high 0.26, the judge's Process template scoring each
 segment alone. EndNorm / GroupNorm: --config.process.mode=end|group.
 """
-import importlib.util
 import os
 
-
-def _authors_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3_4b_exprl_authors.py")
-    spec = importlib.util.spec_from_file_location("qwen3_4b_exprl_authors", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from exprl_jax.config import config_from_file
 
 
 def get_config():
-    c = _authors_config()
+    c = config_from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3_4b_exprl_authors.py"))
     c.name = "qwen3_4b_exprl_process_authors"
     c.method = "exprl_process"
     c.process.mode = "delta"

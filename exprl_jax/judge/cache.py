@@ -1,6 +1,7 @@
 """Content-addressed on-disk cache of judge answers, so a resumed or repeated run never pays twice for one call.
 
-One append-only JSONL file ({"key", "text"} per line) is read into a dict at open; every put is flushed at once.
+One append-only JSONL file ({"key", "text"} per line) is read into a dict at open; every put is flushed at once
+(on an object store such as gs://, puts are uploaded in parts at most `REMOTE_FLUSH_S` apart; `storage.AppendLog`).
 """
 from __future__ import annotations
 
@@ -10,28 +11,32 @@ import logging
 import os
 import threading
 
+from exprl_jax import storage
+
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "judge_answers.jsonl"
+REMOTE_FLUSH_S = 10.0  # object stores: a killed run may re-ask the answers of its last seconds, never lose older
 
 
 class JudgeCache:
     """`key(**fields)` hashes whatever identifies a judge call: template id and version, judge model, decoding,
     problem, reference, trace or segment. Only successful answers belong here; the caller decides which.
 
-    Safe for many coroutines (and threads) in one process; one process should own a directory at a time.
+    Safe for many coroutines (and threads) in one process; one process owns a directory at a time (in a
+    multi-process run, process 0: the one that calls the judge).
     """
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = os.fspath(directory)
-        os.makedirs(self.directory, exist_ok=True)
-        self.path = os.path.join(self.directory, CACHE_FILE)
+        self.directory = storage.as_path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / CACHE_FILE
         self.hits = 0
         self.misses = 0
         self._answers: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._file = storage.AppendLog(self.path, buffer_s=REMOTE_FLUSH_S)
         self._load()
-        self._file = open(self.path, "ab")
 
     @staticmethod
     def key(**fields) -> str:
@@ -58,8 +63,7 @@ class JudgeCache:
             if self._answers.get(key) == text:
                 return
             self._answers[key] = text
-            self._file.write(line)
-            self._file.flush()  # a crash loses at most the line being written, never earlier ones
+            self._file.append(line)  # flushed: a crash loses at most the line being written, never earlier ones
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -75,23 +79,19 @@ class JudgeCache:
         self.close()
 
     def _load(self) -> None:
-        if not os.path.exists(self.path):
+        if not self._file.exists():
             return
-        with open(self.path, "rb") as f:
-            data = f.read()
+        data = self._file.read()
         *lines, tail = data.split(b"\n")  # tail is b"" unless the last write was torn
         bad = sum(not self._load_line(line) for line in lines if line.strip())
         if bad:
             log.warning("judge cache %s: skipped %d unreadable line(s)", self.path, bad)
         if tail:
-            complete = self._load_line(tail)
-            with open(self.path, "r+b") as f:
-                if complete:  # the record is whole; only its newline is missing
-                    f.seek(0, os.SEEK_END)
-                    f.write(b"\n")
-                else:  # cut the torn record off so the next put starts on a clean line
-                    f.truncate(len(data) - len(tail))
-                    log.warning("judge cache %s: dropped a torn last line (%d bytes)", self.path, len(tail))
+            if self._load_line(tail):  # the record is whole; only its newline is missing
+                self._file.rewrite(data + b"\n")
+            else:  # cut the torn record off so the next put starts on a clean line
+                self._file.rewrite(data[:len(data) - len(tail)])
+                log.warning("judge cache %s: dropped a torn last line (%d bytes)", self.path, len(tail))
 
     def _load_line(self, line: bytes) -> bool:
         try:

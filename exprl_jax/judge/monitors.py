@@ -55,7 +55,8 @@ async def run_canaries(judge, records: Sequence[QARecord], threshold: float = 0.
     segments = [[Span(text, 0, len(text))] if text else [] for text in responses] if judge.kind == "process" else None
     batch = RewardBatch(problems=[r.problem for _, r in rows], references=[r.reference for _, r in rows],
                         answers=[r.answer for _, r in rows], responses=responses,
-                        truncated=np.zeros(len(rows), dtype=bool), group_size=len(names), segments=segments)
+                        truncated=np.zeros(len(rows), dtype=bool), group_size=len(names), segments=segments,
+                        domains=[r.domain for _, r in rows])
     result = await judge.score(batch)
     if result.scores is not None:
         rewards = np.asarray(result.scores, dtype=np.float64)

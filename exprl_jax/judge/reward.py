@@ -27,6 +27,9 @@ TEMPLATE_SETS: dict[str, dict[str, str]] = {
     "science": {"outcome": "science-equivalence", "outcome-noref": "outcome-noref"},
     "code": {"outcome": "code-review"},
 }
+# Record domain → template set (SPEC §8's mixed-domain run); a record without a domain counts as DEFAULT_DOMAIN.
+DOMAIN_TEMPLATE_SETS: dict[str, str] = {"math": "math", "testbed": "math", "science": "science", "code": "code"}
+DEFAULT_DOMAIN = "math"
 
 
 def select_template(template_set: str | Mapping[str, str | Template], mode: str, process_context: str,
@@ -62,6 +65,8 @@ class JudgeReward:
     """RewardFn backed by an LLM judge. `kind` is the mode: "outcome" (one call per rollout, full trace) or
     "process" (one call per segment; batch.segments must be set).
 
+    `domain_templates` (domain → template set) picks each row's template by `batch.domains` (a row without a
+    domain counts as "math"); without it every row uses `template_set`.
     `rubrics` maps a problem's text to a stored checkpoint list (from the rubric-builder template); a problem
     without an entry falls back to the checkpoints the judge pulls from the reference itself.
     `stats` is reset at the start of every `score` call, so its metrics describe that step.
@@ -70,22 +75,51 @@ class JudgeReward:
     def __init__(self, backend: ChatBackend, *, mode: str = "outcome", process_context: str = "segment",
                  template_set: str | Mapping[str, str | Template] = "math", cache=None, stats=None,
                  rubrics: Mapping[str, Sequence[str]] | None = None, use_reference: bool = True,
-                 judge_overlong: bool = False):
+                 judge_overlong: bool = False,
+                 domain_templates: Mapping[str, str | Mapping[str, str | Template]] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if process_context not in PROCESS_CONTEXTS:
             raise ValueError(f"process_context must be one of {PROCESS_CONTEXTS}, got {process_context!r}")
-        self.template = select_template(template_set, mode, process_context, use_reference)
-        if rubrics is not None and "rubric" not in self.template.fields + self.template.optional:
-            raise ValueError(f"template {self.template.key} takes no rubric (a stored rubric comes from the "
-                             "reference, so no-reference templates cannot use one)")
-        self.backend, self.kind, self.process_context = backend, mode, process_context
-        self.cache, self.stats, self.use_reference = cache, stats, use_reference
+        self.kind, self.process_context, self.use_reference = mode, process_context, use_reference
+        self._rubrics_given = rubrics is not None
+        self.template = self._checked(template_set)
+        self.domain_templates = dict(domain_templates) if domain_templates is not None else None
+        self._domain_template: dict[str, Template] = {}
+        self._template_of_key = {self.template.key: self.template}
+        self.backend = backend
+        self.cache, self.stats = cache, stats
         # the authors' code judges Overlong Process rollouts too: a failed segment leaves the rollout unscored,
         # and its last segment's score reaches EndNorm (`RewardResult.overlong_last_scores`)
         self.judge_overlong = judge_overlong and mode == "process"
         self.rubrics = {problem: format_rubric(list(items)) for problem, items in (rubrics or {}).items()}
         self._in_flight: dict[str, asyncio.Task] = {}  # request id → its running judge call
+
+    def close(self) -> None:
+        """Writes out the answer cache (on an object store its last puts are still buffered)."""
+        if self.cache is not None:
+            self.cache.close()
+
+    def _checked(self, template_set) -> Template:
+        template = select_template(template_set, self.kind, self.process_context, self.use_reference)
+        if self._rubrics_given and "rubric" not in template.fields + template.optional:
+            raise ValueError(f"template {template.key} takes no rubric (a stored rubric comes from the "
+                             "reference, so no-reference templates cannot use one)")
+        return template
+
+    def template_for(self, domain: str | None) -> Template:
+        """The judge template of a record's domain (ValueError for a domain no template set is given for)."""
+        if self.domain_templates is None:
+            return self.template
+        domain = domain or DEFAULT_DOMAIN
+        if domain not in self._domain_template:
+            if domain not in self.domain_templates:
+                raise ValueError(f"no judge template set for domain {domain!r} (sets for: "
+                                 f"{', '.join(sorted(self.domain_templates))}); add it to config.judge.domain_templates")
+            template = self._checked(self.domain_templates[domain])
+            self._domain_template[domain] = template
+            self._template_of_key[template.key] = template
+        return self._domain_template[domain]
 
     async def score(self, batch: RewardBatch) -> RewardResult:
         """Judges every rollout (Outcome) or segment (Process) of the batch, concurrently; Overlong rollouts only
@@ -100,8 +134,9 @@ class JudgeReward:
         for i in range(n):
             if batch.truncated[i] and not self.judge_overlong:
                 continue  # SPEC §4 Overlong: reward 0 without a judge call
+            template = self.template_for(batch.domains[i] if batch.domains is not None else None)
             for trace in self._traces(batch, i):
-                fields = self._request_fields(batch.problems[i], batch.references[i], trace)
+                fields = self._request_fields(template, batch.problems[i], batch.references[i], trace)
                 request_id = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
                 requests.setdefault(request_id, fields)
                 row_requests[i].append(request_id)
@@ -163,10 +198,10 @@ class JudgeReward:
             return texts
         return ["".join(texts[:t + 1]) for t in range(len(texts))]
 
-    def _request_fields(self, problem: str, reference: str, trace: str) -> dict[str, str]:
+    def _request_fields(self, template: Template, problem: str, reference: str, trace: str) -> dict[str, str]:
         """Everything that determines the judge's answer: the cache key is made of exactly these."""
         rubric = self.rubrics.get(problem, "")
-        return {"template": self.template.key, "model": self.backend.model,
+        return {"template": template.key, "model": self.backend.model,
                 "decoding": json.dumps(self.backend.decoding, sort_keys=True), "problem": problem,
                 "reference": reference if self.use_reference else "", "trace": trace, "rubric": rubric}
 
@@ -195,10 +230,11 @@ class JudgeReward:
             values["reference"] = fields["reference"]
         if fields["rubric"]:
             values["rubric"] = fields["rubric"]
-        messages = self.template.render(**values)  # a fresh fence marker for every call
+        template = self._template_of_key[fields["template"]]
+        messages = template.render(**values)  # a fresh fence marker for every call
         counter.calls += 1
         if getattr(self.backend, "wants_fields", False):  # a programmatic judge grades the fields, not the prose
-            completion = await self.backend.complete(messages, meta={"template": self.template.id, "fields": values})
+            completion = await self.backend.complete(messages, meta={"template": template.id, "fields": values})
         else:
             completion = await self.backend.complete(messages)
         parse_reason = None  # for a failed call JudgeStats falls back to completion.reason ("timeout", ...)

@@ -1,5 +1,7 @@
 """Hugging Face checkpoint I/O: read and write `config.json` + safetensors (one file or an indexed set of shards)
 for Qwen3 / Qwen2 / Llama, without torch or network, converting between HF's [out, in] matrices and our layout.
+Directories may be local or on an object store (gs://...). In a multi-process run every process calls both:
+`load_hf` places only its own shards, `save_hf` gathers each tensor and process 0 writes.
 Also loads a tokenizer (with its chat template) from a local directory."""
 from __future__ import annotations
 
@@ -8,15 +10,15 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes, save_file
 
+from exprl_jax import distributed, storage
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.models.transformer import init_boxed, unstack_layers
 from exprl_jax.sharding import param_shardings
@@ -138,8 +140,8 @@ def _read_dtype(hf_config: dict[str, Any]) -> str:
     return declared if declared in ("float32", "bfloat16", "float16") else "float32"
 
 
-def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, **overrides) -> tuple[ModelConfig, dict]:
-    """Reads a local HF model directory into (config, params).
+def load_hf(path, *, mesh: jax.sharding.Mesh | None = None, **overrides) -> tuple[ModelConfig, dict]:
+    """Reads a HF model directory (local, or gs://... through a temporary download) into (config, params).
 
     Any `ModelConfig` field can be overridden by keyword (`load_hf(path, attention_impl="chunked",
     scan_layers=True, logits_chunk=512, param_dtype="float32")`); the params come in the layout that config needs
@@ -147,11 +149,16 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, **overrides) ->
     `torch_dtype`, else float32) and `dtype` (compute) to `param_dtype`; tensors are cast on the host, so a bf16
     checkpoint loaded with param_dtype="float32" gives float32 masters. Tensors are read one at a time
     (memory-mapped; with scan_layers, one parameter kind across all layers) and each goes straight to its device,
-    or with a mesh to its `param_shardings` sharding, so the model is never whole in host memory nor on one device.
-    Single process; multi-host would place local shards with `jax.make_array_from_callback` instead.
+    or with a mesh to its `param_shardings` sharding, so the model is never whole in host memory nor on one device;
+    with several processes each copies only the shards its own devices hold (`jax.make_array_from_callback`).
     In a tied model a stored `lm_head.weight` is accepted only when equal to the embedding (some exporters write
     both); a different one raises, since dropping it would silently change the model.
     """
+    with storage.local_dir(path) as local:
+        return _load_local(local, mesh, overrides)
+
+
+def _load_local(path: str, mesh, overrides: dict) -> tuple[ModelConfig, dict]:
     with open(os.path.join(path, "config.json")) as f:
         hf_config = json.load(f)
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
@@ -195,7 +202,7 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, **overrides) ->
             hosts = [e.to_ours(read(e.hf_name, e.hf_shape)).astype(host_dtype) for e in entries]
             host = np.stack(hosts) if config.scan_layers and our_path[0] == "layers" else hosts[0]
             target = _get(shardings, our_path) if shardings is not None else None
-            _set(params, our_path, jax.device_put(host, target))
+            _set(params, our_path, jax.device_put(host) if target is None else distributed.global_array(host, target))
             del hosts, host
         if tied_head:
             embed = read("model.embed_tokens.weight", (config.vocab_size, config.d_model))
@@ -219,19 +226,18 @@ def _shard_plan(sizes: list[int], max_shard_bytes: int | None) -> list[list[int]
 
 
 def _to_host(leaf, dtype: np.dtype) -> np.ndarray:
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        # Multi-host: gather first (jax.experimental.multihost_utils.process_allgather) and save from one process.
-        raise NotImplementedError("save_hf needs fully addressable params (single process)")
-    return np.asarray(jax.device_get(leaf)).astype(dtype, copy=False)
+    """The whole tensor on this host; shards on other processes are gathered (a collective)."""
+    return distributed.to_host(leaf).astype(dtype, copy=False)
 
 
-def save_hf(path: str, config: ModelConfig, params, *, max_shard_bytes: int | None = None,
+def save_hf(path, config: ModelConfig, params, *, max_shard_bytes: int | None = None,
             tokenizer_dir: str | None = None) -> None:
     """Writes `params` as a HF checkpoint that `AutoModelForCausalLM.from_pretrained` and vLLM load.
 
     Tensors are stored in `config.param_dtype`; over `max_shard_bytes` they are split into
     `model-0000i-of-0000n.safetensors` plus an index. Old model*.safetensors / index files in `path` are removed
-    first, so a stale single file cannot shadow new shards. Only one shard is on the host at a time.
+    first, so a stale single file cannot shadow new shards. Only one shard is on the host at a time. With several
+    processes, every process must call it (each tensor is gathered in turn); process 0 writes.
     """
     hf_config = config.to_hf_config()  # first, so a config HF cannot express fails before any file is touched
     table = _tensor_table(config)
@@ -244,10 +250,12 @@ def save_hf(path: str, config: ModelConfig, params, *, max_shard_bytes: int | No
         if tuple(leaf.shape) != entry.our_shape:
             raise ValueError(f"params[{'/'.join(entry.path)}] has shape {tuple(leaf.shape)}, "
                              f"expected {entry.our_shape} from the config")
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(path):
-        if name == INDEX_FILE or (name.startswith("model") and name.endswith(".safetensors")):
-            os.remove(os.path.join(path, name))
+    path, writer = storage.as_path(path), distributed.is_primary()
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
+        for old in path.iterdir():
+            if old.name == INDEX_FILE or (old.name.startswith("model") and old.name.endswith(".safetensors")):
+                old.unlink()
 
     dtype = np.dtype(config.jnp_param_dtype)
     sizes = [math.prod(e.hf_shape) * dtype.itemsize for e in table]
@@ -255,20 +263,31 @@ def save_hf(path: str, config: ModelConfig, params, *, max_shard_bytes: int | No
     weight_map = {}
     for n, members in enumerate(plan, start=1):
         file = SINGLE_FILE if len(plan) == 1 else f"model-{n:05d}-of-{len(plan):05d}.safetensors"
-        tensors = {table[i].hf_name: table[i].to_hf(_to_host(_get(params, table[i].path), dtype)) for i in members}
-        save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})  # transformers requires "format"
-        weight_map.update({name: file for name in tensors})
-    if len(plan) > 1:
-        with open(os.path.join(path, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+        hosts = {i: _to_host(_get(params, table[i].path), dtype) for i in members}  # every process: collectives
+        if writer:
+            tensors = {table[i].hf_name: table[i].to_hf(hosts[i]) for i in members}
+            _write_safetensors(tensors, path / file)
+            weight_map.update({name: file for name in tensors})
+        del hosts
+    if writer:
+        if len(plan) > 1:
+            storage.write_json(path / INDEX_FILE, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map},
+                               indent=2)
+        storage.write_json(path / "config.json", hf_config, indent=2)
+        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                      if hf_config[k] is not None}
+        storage.write_json(path / "generation_config.json", generation, indent=2)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(tokenizer_dir, path)
+    distributed.barrier("save_hf")  # on return the checkpoint is complete, for every process
 
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config[k] is not None}
-    with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump(generation, f, indent=2)
-    if tokenizer_dir is not None:
-        _copy_tokenizer(tokenizer_dir, path)
+
+def _write_safetensors(tensors: dict[str, np.ndarray], path) -> None:
+    metadata = {"format": "pt"}  # transformers requires "format"
+    if storage.is_local(path):
+        save_file(tensors, os.fspath(path), metadata=metadata)
+    else:
+        path.write_bytes(safetensors_bytes(tensors, metadata=metadata))
 
 
 def _check_tokenizer_dir(path: str) -> None:
@@ -277,19 +296,20 @@ def _check_tokenizer_dir(path: str) -> None:
         raise FileNotFoundError(f"{path}: no tokenizer.json (a fast tokenizer is required); found: {found}")
 
 
-def _copy_tokenizer(source: str, dest: str) -> None:
+def _copy_tokenizer(source: str, dest) -> None:
     _check_tokenizer_dir(source)
-    if os.path.realpath(source) == os.path.realpath(dest):
+    if storage.is_local(dest) and os.path.realpath(source) == os.path.realpath(dest):
         return
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(dest, name))
+            storage.as_path(dest / name).write_bytes(storage.as_path(os.path.join(source, name)).read_bytes())
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path):
     """A `transformers.PreTrainedTokenizerFast` from tokenizer.json (+ tokenizer_config.json, chat template) in
     `path`, offline. transformers itself raises if the chat template needs jinja2 and it is missing."""
     from transformers import AutoTokenizer  # imported here: loading a model needs neither transformers nor torch
 
-    _check_tokenizer_dir(path)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with storage.local_dir(path) as local:  # read whole into memory, so a temporary download may go
+        _check_tokenizer_dir(local)
+        return AutoTokenizer.from_pretrained(local, local_files_only=True)

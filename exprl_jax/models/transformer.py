@@ -12,11 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from exprl_jax.models.attention import attend
 from exprl_jax.models.config import ModelConfig
+from exprl_jax.models.decode_attention import PagedSlotCache, SlotCache, decode_attention
 from exprl_jax.models.head import head_matrix, logits_of, token_logprobs_entropy
-from exprl_jax.sharding import constrain
+from exprl_jax.sharding import active_mesh, constrain, logical_to_spec
 
 
 class LayerCache(NamedTuple):
@@ -82,6 +84,10 @@ class Attention(nn.Module):
         k = rope(k, positions, cfg.rope_theta)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
+        if isinstance(cache, (SlotCache, PagedSlotCache)):  # rollout engine: one token per slot at its own position
+            cache = cache.write(k, v, positions[:, 0])
+            out = decode_attention(q, cache, positions[:, 0] + 1, block_kv=cfg.decode_block_kv)
+            return self._output(out.reshape(B * T, N, H), wo, B, T), cache
         if cache is not None:  # write this chunk at [cache_index, cache_index + T), attend over the whole cache
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
@@ -89,10 +95,15 @@ class Attention(nn.Module):
         static_start = cache_index if isinstance(cache_index, (int, np.integer)) else None  # q_slots[0]
         out = attend(q, k, v, q_slots, key_valid, impl=cfg.attention_impl, block_q=cfg.attention_block_q,
                      block_kv=cfg.attention_block_kv, q_start=static_start).reshape(B * T, N, H)
-        out = jnp.einsum("MNH,NHD->MD", out, wo.astype(dt)).reshape(B, T, D)
+        return self._output(out, wo, B, T), cache
+
+    def _output(self, out_MNH, wo, B, T):
+        cfg = self.cfg
+        out = jnp.einsum("MNH,NHD->MD", out_MNH, wo.astype(cfg.jnp_dtype)).reshape(B, T, cfg.d_model)
         if cfg.o_bias:
-            out = out + _param(self, "o_bias", nn.initializers.zeros, (D,), ("embed",), cfg).astype(dt)
-        return out, cache
+            out = out + _param(self, "o_bias", nn.initializers.zeros, (cfg.d_model,), ("embed",),
+                               cfg).astype(cfg.jnp_dtype)
+        return out
 
 
 class MLP(nn.Module):
@@ -148,8 +159,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         embedding = _param(self, "embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
                            ("vocab", "embed"), cfg)
-        # gather from a replicated copy: a gather from a vocab/fsdp-sharded table forces XLA to rematerialise it
-        x = jnp.take(constrain(embedding, (None, None)), tokens, axis=0).astype(cfg.jnp_dtype)
+        x = embed_lookup(embedding.astype(cfg.jnp_dtype), tokens)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         block = _block_class(cfg)
         if cfg.scan_layers:
@@ -177,6 +187,27 @@ class Transformer(nn.Module):
         if hidden_only:
             return x, new_caches
         return logits_of(cfg, x, embedding.T if cfg.tie_embeddings else head), new_caches
+
+
+def embed_lookup(table_VD, tokens_BT):
+    """Rows of the embedding table [V, D] for tokens [B, T]. With the vocabulary split over a mesh axis, each shard
+    looks up the tokens in its own range and a sum over that axis assembles the rows, so the [V, D] table is never
+    gathered whole (a plain gather from a vocab-split table makes XLA rebuild it on every chip)."""
+    mesh = active_mesh()
+    vocab_axis = None if mesh is None else logical_to_spec(("vocab", "embed"), table_VD.shape, mesh)[0]
+    if vocab_axis is None:
+        return jnp.take(constrain(table_VD, (None, None)), tokens_BT, axis=0)
+    rows = logical_to_spec(("activation_batch", "activation_length"), tokens_BT.shape, mesh)
+
+    def local(table, ids):
+        n = table.shape[0]
+        local_ids = ids - jax.lax.axis_index(vocab_axis) * n
+        hit = (local_ids >= 0) & (local_ids < n)
+        found = jnp.take(table, jnp.clip(local_ids, 0, n - 1), axis=0)
+        return jax.lax.psum(jnp.where(hit[..., None], found, jnp.zeros_like(found)), vocab_axis)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(vocab_axis, None), rows), out_specs=P(*rows, None),
+                         check_vma=False)(table_VD, tokens_BT)
 
 
 # ---- pure functions over a plain params pytree ----
@@ -257,18 +288,21 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> tupl
 
 
 def forward_with_cache(config: ModelConfig, params, tokens, positions, caches, cache_index, kv_valid, *,
-                       last_only: bool = False):
-    """Runs tokens [B, T] at cache slots [cache_index, cache_index + T). `kv_valid` [B, S] marks real tokens in the
-    cache *including* this chunk. Returns (float32 logits [B, T, V], or [B, V] at the last position with
-    `last_only`, and the updated caches)."""
+                       logits_at=None):
+    """Runs tokens [B, T] against `caches`. With per-layer `LayerCache`s they sit at cache slots
+    [cache_index, cache_index + T) and `kv_valid` [B, S] marks real tokens in the cache *including* this chunk;
+    with `SlotCache`s or `PagedSlotCache`s (the rollout engine, T = 1) each row's token sits at its own position and `cache_index` /
+    `kv_valid` are unused. Returns (float32 logits [B, T, V], or [B, V] at position `logits_at` (an int or one
+    index per row) when given, and the updated caches)."""
     config, params = decode_layout(config, params)
     q_slots = cache_index + jnp.arange(tokens.shape[1])
     hidden, caches = Transformer(config).apply(
         {"params": params}, tokens, positions, kv_valid, q_slots, caches, cache_index, hidden_only=True)
-    if last_only:
-        hidden = hidden[:, -1:]
+    if logits_at is not None:
+        index = jnp.broadcast_to(jnp.asarray(logits_at, jnp.int32) % tokens.shape[1], tokens.shape[:1])
+        hidden = jnp.take_along_axis(hidden, index[:, None, None], axis=1)  # [B, 1, D]
     logits = logits_of(config, hidden, head_matrix(config, params))
-    return (logits[:, -1] if last_only else logits), caches
+    return (logits if logits_at is None else logits[:, 0]), caches
 
 
 def token_logprobs(config: ModelConfig, params, tokens, *, attention_mask=None, temperature: float = 1.0):

@@ -34,6 +34,7 @@ class RewardBatch:
     truncated: np.ndarray  # [N] bool: hit the generation limit (SPEC §4 "Overlong")
     group_size: int
     segments: Sequence[Sequence[Span]] | None = None  # [N][S_i] for Process rewards
+    domains: Sequence[str | None] | None = None  # [N] each record's domain (picks the judge template)
 
     def __post_init__(self):
         n = len(self.responses)
@@ -42,8 +43,9 @@ class RewardBatch:
                 raise ValueError(f"RewardBatch.{name} has {len(getattr(self, name))} rows, responses has {n}")
         if np.shape(self.truncated) != (n,):
             raise ValueError(f"RewardBatch.truncated has shape {np.shape(self.truncated)}, expected ({n},)")
-        if self.segments is not None and len(self.segments) != n:
-            raise ValueError(f"RewardBatch.segments has {len(self.segments)} rows, responses has {n}")
+        for name in ("segments", "domains"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != n:
+                raise ValueError(f"RewardBatch.{name} has {len(getattr(self, name))} rows, responses has {n}")
 
 
 @dataclasses.dataclass

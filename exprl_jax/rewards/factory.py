@@ -1,6 +1,7 @@
 """Builds the reward function a config asks for: the sparse answer check, or a judge (Outcome / Process)
-behind the configured backend, with its cache under the workdir; the exact per-step positive control; and the
-wrong-reference control (every rollout judged against another training problem's reference)."""
+behind the configured backend (cache under the workdir, template chosen by each record's domain, checked at startup
+to fit the training records: judge/fit.py); the exact per-step positive control; and the wrong-reference control
+(every rollout judged against another training problem's reference)."""
 from __future__ import annotations
 
 import dataclasses
@@ -82,6 +83,7 @@ def make_reward_fn(cfg, workdir: str, records=()):
         reward = ExactStepReward(records)
     elif kind in ("judge_outcome", "judge_process"):
         from exprl_jax.judge import JudgeCache, JudgeStats
+        from exprl_jax.judge.fit import check_judge_fits
         from exprl_jax.judge.reward import JudgeReward
 
         rubrics = None
@@ -93,7 +95,32 @@ def make_reward_fn(cfg, workdir: str, records=()):
             make_judge_backend(j, records, noise_seed=cfg.seed),
             mode="outcome" if kind == "judge_outcome" else "process", process_context=cfg.process.context,
             cache=JudgeCache(os.path.join(workdir, "judge_cache")) if j.cache else None, stats=JudgeStats(),
-            rubrics=rubrics, use_reference=j.use_reference, judge_overlong=cfg.process.variant == "authors")
+            rubrics=rubrics, use_reference=j.use_reference, judge_overlong=cfg.process.variant == "authors",
+            domain_templates=domain_template_sets(j.domain_templates))
+        check_judge_fits(reward, j.backend, records, describe_data(cfg.data))
     else:
         raise ValueError(f"method {cfg.method!r} has no reward function")
     return OtherReference(reward, records, cfg.seed) if j.reference == "other" else reward
+
+
+def domain_template_sets(entries) -> dict[str, str]:
+    """DOMAIN_TEMPLATE_SETS updated by config.judge.domain_templates entries "domain=template set"."""
+    from exprl_jax.judge.reward import DOMAIN_TEMPLATE_SETS, TEMPLATE_SETS
+
+    sets = dict(DOMAIN_TEMPLATE_SETS)
+    for entry in entries:
+        domain, sep, name = (part.strip() for part in entry.partition("="))
+        if not sep or not domain or name not in TEMPLATE_SETS:
+            raise ValueError(f"config.judge.domain_templates: bad entry {entry!r}; expected 'domain=set' with set "
+                             f"one of {sorted(TEMPLATE_SETS)}")
+        sets[domain] = name
+    return sets
+
+
+def describe_data(d) -> str:
+    """The data a run trains on, as the config names it (for error messages)."""
+    named = {"tfds": f"data.tfds_name={d.tfds_name!r}[{d.tfds_train_split}]",
+             "mixture": f"data.mixture={tuple(d.mixture)!r}", "testbed": "the testbed",
+             "toy_addition": "the toy addition task"}
+    return named.get(d.source, f"data.source={d.source!r} data.train_path={d.train_path!r}") + (
+        f" (filtered by {d.filter_path})" if d.filter_path else "")

@@ -15,11 +15,11 @@ import hashlib
 import json
 import os
 import string
-import time
 
 import numpy as np
 
 from exprl_jax.data import QARecord
+from exprl_jax.data.hard_filter import pass_counts
 
 LETTERS = string.ascii_lowercase
 MAX_DISTRACTORS = 2
@@ -243,7 +243,9 @@ def hard_filter(cfg, pool: list[QARecord], chunk: int = 64) -> list[QARecord]:
         with open(path) as f:
             kept = set(json.load(f)["kept_ids"])
         return [r for r in pool if r.id in kept]
-    counts = _base_correct_counts(hf_dir, pool, key, cfg.data.answer_style, chunk)
+    counts = pass_counts(hf_dir, pool, samples=key["samples"], temperature=key["temperature"], template=key["template"],
+                         max_new_tokens=key["max_new_tokens"], seed=key["seed"], answer_style=cfg.data.answer_style,
+                         chunk=chunk)
     kept = [r.id for r, c in zip(pool, counts) if c == 0]
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -251,29 +253,3 @@ def hard_filter(cfg, pool: list[QARecord], chunk: int = 64) -> list[QARecord]:
     os.replace(tmp, path)
     return [r for r in pool if r.id in set(kept)]
 
-
-def _base_correct_counts(hf_dir: str, pool, key: dict, answer_style: str, chunk: int) -> list[int]:
-    import jax
-
-    from exprl_jax.config import RolloutSection
-    from exprl_jax.models.hf import load_hf
-    from exprl_jax.rewards.answers import check_answers, extract_answer
-    from exprl_jax.rollouts import sample_rollouts
-    from exprl_jax.tokenizer import eos_ids, load_tokenizer, pad_id
-
-    model_cfg, params = load_hf(hf_dir)
-    tokenizer = load_tokenizer(hf_dir)
-    sampling = RolloutSection(group_size=key["samples"], temperature=key["temperature"],
-                              max_new_tokens=key["max_new_tokens"])
-    rng, counts, t0 = jax.random.key(key["seed"]), [], time.time()
-    for start in range(0, len(pool), chunk):
-        part = pool[start:start + chunk]
-        r = sample_rollouts(model_cfg, params, tokenizer, part, jax.random.fold_in(rng, start), rollout_cfg=sampling,
-                            template=key["template"], eos=eos_ids(tokenizer), pad=pad_id(tokenizer))
-        checks = check_answers([extract_answer(x, style=answer_style) for x in r.texts],
-                               [x.answer for x in r.row_records()])
-        ok = np.array([c.correct for c in checks]) & ~r.truncated
-        counts += ok.reshape(len(part), key["samples"]).sum(axis=1).tolist()
-        print(f"testbed filter: {start + len(part)}/{len(pool)} problems sampled ({time.time() - t0:.0f}s)",
-              flush=True)
-    return counts

@@ -1,5 +1,5 @@
-"""QA-with-reference data (SPEC §1–2): one record type, a strict JSONL reader/writer, loaders for the real
-datasets in shared/data, and the prompt builder, which only ever sees the problem (never the reference).
+"""QA-with-reference records (SPEC §1–2): one record type, a strict JSONL reader/writer, the GSM8K / MATH file
+loaders, and the prompt builder, which only ever sees the problem (never the reference).
 Every bad row is an error naming file, line and field, or (on request) a counted skip, never a silent drop.
 """
 from __future__ import annotations
@@ -12,8 +12,6 @@ import logging
 import os
 import string
 from typing import Any, Callable, Sequence
-
-import numpy as np
 
 ON_BAD_ROW = ("error", "skip")
 QA_FIELDS = ("id", "problem", "reference", "answer", "domain", "checkpoints")
@@ -245,13 +243,3 @@ def build_prompt(record: QARecord, template: str = "{problem}") -> str:
                 "(the policy must never see the reference or answer)"
             )
     return template.format(problem=record.problem)
-
-
-def step_indices(num_records: int, per_step: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
-    """The data cursor: record indices of step `step` in the endless sequence of per-epoch permutations."""
-    out = []
-    for pos in range(step * per_step, (step + 1) * per_step):
-        epoch, offset = divmod(pos, num_records)
-        order = np.random.default_rng([seed, epoch]).permutation(num_records) if shuffle else np.arange(num_records)
-        out.append(int(order[offset]))
-    return out

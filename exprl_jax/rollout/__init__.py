@@ -1,0 +1,1 @@
+"""The rollout engine (continuous batching over cache slots) and the weights it samples with."""

@@ -1,0 +1,204 @@
+"""Continuous-batching rollout engine: any number of rows through a fixed number of cache slots.
+
+Three jitted programs and a small host loop. `prefill` runs a batch of waiting prompts (the prompt tokens only,
+logits only at each row's last prompt position) and samples each row's first token; `insert` writes them into free
+slots of the donated engine state; `decode` steps every slot one token at a time, each at its own length (decode
+attention covers only the filled part of the cache), until enough slots have finished to refill them. Finished rows
+go straight into row-indexed outputs, so results never depend on the schedule: row i's tokens and log-probs are a
+function of (params, prompt i, rng, i) only (the noise of token t of row i is drawn from fold_in(fold_in(rng, i), t)).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from exprl_jax import distributed
+from exprl_jax import sharding as shd
+from exprl_jax.batching import batch_shards, round_up
+from exprl_jax.models.config import ModelConfig
+from exprl_jax.models import decode_attention as da
+from exprl_jax.models.transformer import forward_with_cache, init_cache
+from exprl_jax.rollout.tokens import SamplingParams, sample_rows
+
+
+
+class EngineState(NamedTuple):
+    caches: tuple  # per layer SlotCache (k, v [S, K, L, H]) or PagedSlotCache (kv [S, L, 2K, H])
+    row: jax.Array  # [S] int32: the row in each slot, -1 if free
+    step: jax.Array  # [S] int32: response index of `token`
+    length: jax.Array  # [S] int32: tokens written into the slot's cache
+    token: jax.Array  # [S] int32: sampled, not yet recorded nor fed to the model
+    logprob: jax.Array  # [S] float32
+    out_tokens: jax.Array  # [N, R] int32, pad after the end
+    out_logprobs: jax.Array  # [N, R] float32, 0 after the end
+    out_lengths: jax.Array  # [N] int32, generated tokens including the EOS
+    out_truncated: jax.Array  # [N] bool
+    busy_slot_steps: jax.Array  # [] int32: decode slot-steps spent on a live row (the rest is waste)
+    slot_steps: jax.Array  # [] int32
+
+
+def _constrain_state(state: EngineState) -> EngineState:
+    rows = ("activation_batch",)
+    return state._replace(
+        caches=tuple(type(c)(*(shd.constrain(x, c.AXES) for x in c)) for c in state.caches),
+        **{f: shd.constrain(getattr(state, f), rows) for f in ("row", "step", "length", "token", "logprob")})
+
+
+@functools.partial(jax.jit, static_argnames=("config", "slots", "cache_len", "rows", "max_new_tokens", "pad_id",
+                                             "mesh", "attention"))
+def init_state(*, config: ModelConfig, slots: int, cache_len: int, rows: int, max_new_tokens: int, pad_id: int,
+               mesh, attention: str = "jnp") -> EngineState:
+    """`attention`: the resolved decode attention ("jnp" or "paged"), which fixes the cache layout."""
+    with shd.use_mesh(mesh):
+        layout = da.cache_type(attention)
+        caches = tuple(layout.zeros(config.num_kv_heads, slots, cache_len, config.head_dim, config.jnp_dtype)
+                       for _ in range(config.num_layers))
+        zeros = jnp.zeros((slots,), jnp.int32)
+        rows_axis = ("activation_batch", None)  # outputs by row, split like the slots (rows is padded to match)
+        return _constrain_state(EngineState(
+            caches, jnp.full((slots,), -1, jnp.int32), zeros, zeros, zeros, jnp.zeros((slots,), jnp.float32),
+            shd.constrain(jnp.full((rows, max_new_tokens), pad_id, jnp.int32), rows_axis),
+            shd.constrain(jnp.zeros((rows, max_new_tokens), jnp.float32), rows_axis),
+            shd.constrain(jnp.zeros((rows,), jnp.int32), rows_axis[:1]),
+            shd.constrain(jnp.zeros((rows,), bool), rows_axis[:1]), jnp.int32(0), jnp.int32(0)))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "mesh"))
+def prefill(params, prompts_RP, prompt_lengths_R, rows_R, rng, *, config: ModelConfig, sampling: SamplingParams,
+            mesh):
+    """Prompts [R, P] (left-aligned, right-padded) -> (per-layer LayerCache [R, P, K, H], first token, log-prob)."""
+    with shd.use_mesh(mesh):
+        R, P = prompts_RP.shape
+        positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (R, P))
+        kv_valid = (positions < prompt_lengths_R[:, None]).astype(jnp.int32)
+        logits, caches = forward_with_cache(config, params, prompts_RP, positions, init_cache(config, R, P), 0,
+                                            kv_valid, logits_at=prompt_lengths_R - 1)
+        token, logprob = sample_rows(rng, rows_R, jnp.zeros_like(rows_R), logits, sampling)
+        return caches, token, logprob
+
+
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("mesh",))
+def insert(state: EngineState, prefilled, token_R, logprob_R, rows_R, slots_R, prompt_lengths_R, *, mesh):
+    """Puts prefilled rows into slots (a slot index >= S marks a padding row: dropped)."""
+    with shd.use_mesh(mesh):
+        caches, _, _ = prefilled
+        new_caches = tuple(c.put(slots_R, p.k, p.v) for c, p in zip(state.caches, caches))  # at (slots, :P)
+        set_ = lambda x, v: x.at[slots_R].set(v, mode="drop")  # noqa: E731
+        return _constrain_state(state._replace(
+            caches=new_caches, row=set_(state.row, rows_R), step=set_(state.step, 0),
+            length=set_(state.length, prompt_lengths_R), token=set_(state.token, token_R),
+            logprob=set_(state.logprob, logprob_R)))
+
+
+@functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("config", "sampling", "mesh"))
+def decode(params, state: EngineState, rng, waiting, refill_rows, max_steps, *, config: ModelConfig,
+           sampling: SamplingParams, mesh) -> EngineState:
+    """Decode steps until every slot is free, or `min(refill_rows, waiting)` slots are free while rows wait, or
+    `max_steps` steps ran. One step records each live slot's sampled token (finishing its row on EOS or at the
+    length limit), feeds it to the model at the slot's own position and samples the next one."""
+    R = state.out_tokens.shape[1]
+    N = state.out_tokens.shape[0]
+    eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
+
+    def keep_going(carry):
+        state, i = carry
+        live = state.row >= 0
+        free = live.shape[0] - live.sum()
+        refill_now = (waiting > 0) & (free >= jnp.minimum(refill_rows, waiting))
+        return live.any() & ~refill_now & (i < max_steps)
+
+    def step(carry):
+        s, i = carry
+        live = s.row >= 0
+        target = jnp.where(live, s.row, N)  # N: out of range, dropped
+        is_eos = jnp.isin(s.token, eos)
+        done = live & (is_eos | (s.step + 1 >= R))
+        ended = jnp.where(done, s.row, N)
+        s = s._replace(
+            out_tokens=s.out_tokens.at[target, s.step].set(s.token, mode="drop"),
+            out_logprobs=s.out_logprobs.at[target, s.step].set(s.logprob, mode="drop"),
+            out_lengths=s.out_lengths.at[ended].set(s.step + 1, mode="drop"),
+            out_truncated=s.out_truncated.at[ended].set(~is_eos, mode="drop"))
+        live = live & ~done
+        positions = jnp.where(live, s.length, 0)  # free slots attend to nothing and stretch no loop bound
+        logits, caches = forward_with_cache(config, params, s.token[:, None], positions[:, None], s.caches, 0, None,
+                                            logits_at=0)
+        token, logprob = sample_rows(rng, s.row, s.step + 1, logits, sampling)
+        s = _constrain_state(s._replace(
+            caches=caches, row=jnp.where(live, s.row, -1), step=jnp.where(live, s.step + 1, s.step),
+            length=jnp.where(live, s.length + 1, s.length), token=jnp.where(live, token, s.token),
+            logprob=jnp.where(live, logprob, s.logprob),
+            busy_slot_steps=s.busy_slot_steps + live.sum(), slot_steps=s.slot_steps + live.shape[0]))
+        return s, i + 1
+
+    with shd.use_mesh(mesh):
+        state, _ = jax.lax.while_loop(keep_going, step, (state, jnp.int32(0)))
+        return state
+
+
+class Engine:
+    """Samples rows through `slots` cache slots; `refill_rows` prompts are prefilled at a time (both rounded up
+    to a multiple of the mesh's batch shards)."""
+
+    def __init__(self, config: ModelConfig, *, max_new_tokens: int, sampling: SamplingParams, slots: int,
+                 refill_rows: int = 0, mesh=None, max_steps_per_call: int = 1 << 30):
+        shards = batch_shards(mesh)
+        self.config, self.max_new_tokens, self.sampling, self.mesh = config, max_new_tokens, sampling, mesh
+        self.slots = round_up(slots, shards)
+        self.refill_rows = round_up(min(refill_rows or max(1, self.slots // 4), self.slots), shards)
+        self.max_steps_per_call = max_steps_per_call
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        self.attention = da.resolve_impl(config.decode_attention_impl, config.head_dim, platform)
+
+    def cache_len(self, prompt_width: int) -> int:
+        """Cache positions per slot: the prompt area + the response (whole pages of the TPU kernel)."""
+        return da.cache_length(self.attention, prompt_width + self.max_new_tokens)
+
+    def run(self, params, prompts: Sequence[Sequence[int]], rng, *, prompt_width: int,
+            order: Sequence[int] | None = None) -> tuple:
+        """All rows of `prompts` -> host arrays (tokens [N, R], logprobs, lengths, truncated, slot utilisation).
+        Rows enter free slots in `order` (default: by index); the results do not depend on it."""
+        n = len(prompts)
+        if not n:
+            raise ValueError("generate: no prompts")
+        order = list(range(n)) if order is None else [int(i) for i in order]
+        if sorted(order) != list(range(n)):
+            raise ValueError(f"order must be a permutation of range({n})")
+        statics = dict(config=self.config, mesh=self.mesh)
+        state = init_state(slots=self.slots, cache_len=self.cache_len(prompt_width),
+                           rows=round_up(n, batch_shards(self.mesh)), max_new_tokens=self.max_new_tokens,
+                           pad_id=self.sampling.pad_id, attention=self.attention, **statics)
+        next_row, free = 0, list(range(self.slots))
+        while True:
+            while next_row < n and free:
+                take = min(len(free), self.refill_rows, n - next_row)
+                state = self._refill(params, state, prompts, rng, order[next_row:next_row + take], free[:take],
+                                     prompt_width)
+                next_row, free = next_row + take, free[take:]
+            if next_row >= n and len(free) == self.slots:
+                break
+            state = decode(params, state, rng, jnp.int32(n - next_row), jnp.int32(self.refill_rows),
+                           jnp.int32(self.max_steps_per_call), sampling=self.sampling, **statics)
+            free = [int(s) for s in np.flatnonzero(distributed.to_host(state.row) < 0)]
+        out = [distributed.to_host(x) for x in (state.out_tokens, state.out_logprobs, state.out_lengths,
+                                                state.out_truncated, state.busy_slot_steps, state.slot_steps)]
+        return tuple(np.asarray(x)[:n] for x in out[:4]) + (float(out[4]) / max(int(out[5]), 1),)
+
+    def _refill(self, params, state, prompts, rng, rows, slots, width):
+        k = self.refill_rows
+        tokens = np.zeros((k, width), np.int32)
+        lengths = np.ones((k,), np.int32)
+        row_ids = np.zeros((k,), np.int32)
+        slot_ids = np.full((k,), self.slots, np.int32)  # padding rows go to slot S: dropped by `insert`
+        for j, (r, s) in enumerate(zip(rows, slots)):
+            tokens[j, :len(prompts[r])] = prompts[r]
+            lengths[j], row_ids[j], slot_ids[j] = len(prompts[r]), r, s
+        args = (tokens, lengths, row_ids)
+        if self.mesh is not None:
+            args = tuple(jax.device_put(x, shd.batch_sharding(self.mesh, x.ndim)) for x in args)
+        prefilled = prefill(params, *args, rng, config=self.config, sampling=self.sampling, mesh=self.mesh)
+        return insert(state, prefilled, prefilled[1], prefilled[2], args[2], slot_ids, args[1], mesh=self.mesh)

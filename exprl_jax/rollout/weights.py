@@ -1,0 +1,42 @@
+"""The weights the rollout engine samples with: a copy of the policy in `rollout.dtype`, unrolled layers, laid out
+for decoding, refreshed from the training params before each sampling call.
+
+Decoding reads every weight once per token, so FSDP-sharded weights would be all-gathered at every step (XLA
+hoists that out of the loop and keeps a full copy per chip). The rollout copy is instead split over `tensor` only
+and whole on each data×fsdp group: the chips that hold a slot's cache rows hold the weights they need.
+"""
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh
+
+from exprl_jax import sharding as shd
+from exprl_jax.models.config import ModelConfig
+from exprl_jax.models.transformer import decode_layout, init_boxed
+
+# the training rules with the model width unsplit: tensor parallelism only
+ROLLOUT_RULES = tuple((name, None if name == "embed" else axes) for name, axes in shd.LOGICAL_RULES)
+
+
+def rollout_model_config(config: ModelConfig, dtype: str = "") -> ModelConfig:
+    """The model config the engine decodes with: `dtype` ("" = the compute dtype) for weights and compute."""
+    dtype = dtype or config.dtype
+    return config.replace(scan_layers=False, remat="none", dtype=dtype, param_dtype=dtype)
+
+
+def rollout_shardings(rollout_config: ModelConfig, mesh: Mesh):
+    boxed = jax.eval_shape(lambda r: init_boxed(rollout_config, r), jax.random.key(0))
+    return shd.param_shardings(boxed, mesh, rules=ROLLOUT_RULES)
+
+
+def make_rollout_params(config: ModelConfig, rollout_config: ModelConfig, mesh: Mesh | None):
+    """A jitted `params -> rollout params` (cast, layers unstacked, resharded); without a mesh just cast."""
+    dtype = rollout_config.jnp_param_dtype
+
+    def convert(params):
+        _, params = decode_layout(config, params)
+        return jax.tree.map(lambda x: x.astype(dtype), params)
+
+    if mesh is None:
+        return jax.jit(convert)
+    return jax.jit(convert, out_shardings=rollout_shardings(rollout_config, mesh))

@@ -1,0 +1,182 @@
+"""The continuous-batching engine: refills, scheduling invariance, the fixed-batch sampler it replaced, bounded
+memory, and the decode attention it runs on."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import random_params
+from exprl_jax import sharding as shd
+from exprl_jax.models.config import ModelConfig
+from exprl_jax.models.decode_attention import PagedSlotCache, SlotCache, decode_attention
+from exprl_jax.rollout.engine import Engine, EngineState, decode, init_state
+from exprl_jax.rollout.tokens import SamplingParams
+from exprl_jax.sampling import generate, generate_fixed_batch
+
+CFG = ModelConfig.tiny()
+FIELDS = ("tokens", "logprobs", "lengths", "truncated")
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(CFG, std=0.3)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    return [list(rng.integers(4, CFG.vocab_size, rng.integers(1, 20))) for _ in range(7)]
+
+
+# many EOS ids: rows end anywhere from the first token to the limit, so slots free up in a scrambled order
+VARIABLE = dict(max_new_tokens=24, num_samples=3, temperature=1.0, eos_ids=(5, 9, 13, 17, 21, 33, 40, 41, 42, 43))
+
+
+@pytest.fixture(scope="module")
+def all_at_once(params, prompts):
+    return generate(CFG, params, prompts, jax.random.key(1), **VARIABLE)
+
+
+def _same(a, b, logprob_atol=0.0):
+    for field in ("tokens", "lengths", "truncated"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(b, field)), err_msg=field)
+    # XLA:CPU orders a row-wise sum differently for small and large batches (e.g. a sum over 256 floats differs
+    # between 1-15 rows and 300 rows), so a log-prob may move in its last bits with the batch size; tokens do not
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=logprob_atol, rtol=0)
+
+
+@pytest.mark.parametrize("slots", [3, 5, 8])
+def test_rows_do_not_depend_on_the_number_of_slots(params, prompts, all_at_once, slots):
+    out = generate(CFG, params, prompts, jax.random.key(1), max_concurrent_rows=slots, **VARIABLE)
+    _same(out, all_at_once, logprob_atol=2e-5)
+
+
+def test_rows_do_not_depend_on_the_schedule_bitwise(params, prompts):
+    # The same slot and refill batch sizes (so the same compiled programs), but rows entering in another order and
+    # refilled at other times: every row lands in other slots beside other rows, and every bit agrees.
+    engine = Engine(CFG, max_new_tokens=VARIABLE["max_new_tokens"], slots=5, refill_rows=2,
+                    sampling=SamplingParams(1.0, 1.0, 0, VARIABLE["eos_ids"], 0))
+    rows = [p for p in prompts for _ in range(3)]
+    in_order = engine.run(params, rows, jax.random.key(1), prompt_width=32)
+    scrambled = engine.run(params, rows, jax.random.key(1), prompt_width=32,
+                           order=np.random.default_rng(5).permutation(len(rows)))
+    engine.max_steps_per_call = 3  # back to the host (and refills) every 3 steps
+    interrupted = engine.run(params, rows, jax.random.key(1), prompt_width=32, order=range(len(rows))[::-1])
+    for other in (scrambled, interrupted):
+        for x, y, name in zip(in_order[:4], other[:4], FIELDS):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_rows_do_not_depend_on_the_device_count(params, prompts, all_at_once, shape):
+    out = generate(CFG, params, prompts, jax.random.key(1), max_concurrent_rows=5, mesh=shd.make_mesh(shape),
+                   **VARIABLE)
+    _same(out, all_at_once, logprob_atol=2e-5)
+
+
+def test_more_rows_than_slots_finish_in_a_scrambled_order_and_keep_the_contract(params, prompts, all_at_once):
+    out = generate(CFG, params, prompts, jax.random.key(1), max_concurrent_rows=4, **VARIABLE)
+    lengths, tokens, logprobs = out.lengths, out.tokens, out.logprobs
+    assert len(set(lengths.tolist())) > 5 and not np.all(np.diff(lengths) >= 0)  # rows end out of order
+    assert 0.0 < out.slot_utilisation <= 1.0
+    eos = set(VARIABLE["eos_ids"])
+    for row in range(len(lengths)):
+        n = lengths[row]
+        assert 1 <= n <= 24
+        assert out.truncated[row] == (tokens[row, n - 1] not in eos)
+        assert not eos & set(tokens[row, :n - 1].tolist())  # the first EOS ends the row
+        assert np.all(tokens[row, n:] == 0) and np.all(logprobs[row, n:] == 0.0)  # pad after the end
+        assert np.all(logprobs[row, :n] < 0.0)
+
+
+def test_equal_to_the_fixed_batch_sampler_on_fixed_length_workloads(params, prompts):
+    kwargs = dict(VARIABLE, eos_ids=())
+    old = generate_fixed_batch(CFG, params, prompts, jax.random.key(1), **kwargs).to_numpy()
+    for slots in (0, 4):
+        new = generate(CFG, params, prompts, jax.random.key(1), max_concurrent_rows=slots, **kwargs)
+        _same(new, old, logprob_atol=2e-5)  # left- vs right-padded prompts: the same math, other float order
+    assert old.lengths.tolist() == [24] * 21
+
+
+def test_decode_memory_does_not_grow_with_the_number_of_rows():
+    # 4 slots of a 1024-token response: the compiled decode step's temporaries are the same for 8 and 512 rows
+    # (rows only add their [N, R] outputs, never cache)
+    config = CFG
+    sampling = SamplingParams(1.0, 1.0, 0, (1,), 0)
+
+    def temporaries(rows):
+        state = jax.eval_shape(lambda: init_state(config=config, slots=4, cache_len=1024 + 128, rows=rows,
+                                                  max_new_tokens=1024, pad_id=0, mesh=None))
+        params = jax.eval_shape(lambda: random_params(config))
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        compiled = decode.lower(params, state, jax.random.key(0), scalar, scalar, scalar, config=config,
+                                sampling=sampling, mesh=None).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temporaries(8) == temporaries(512)
+
+
+def test_decode_attention_matches_a_numpy_reference():
+    rng = np.random.default_rng(3)
+    K, S, L, H, N = 2, 5, 40, 8, 6
+    k, v = rng.normal(size=(2, S, L, K, H))
+    cache = SlotCache(*(jnp.asarray(x.transpose(0, 2, 1, 3), jnp.float32) for x in (k, v)))  # [S, K, L, H]
+    q = jnp.asarray(rng.normal(size=(S, 1, N, H)), jnp.float32)
+    lengths = np.array([1, 7, 16, 17, 40])
+    out = np.asarray(decode_attention(q, cache, jnp.asarray(lengths), block_kv=8))
+    qn = np.asarray(q, np.float64)
+    for s in range(S):
+        for n in range(N):
+            head = n // (N // K)
+            scores = k[s, :lengths[s], head] @ qn[s, 0, n] / np.sqrt(H)
+            p = np.exp(scores - scores.max())
+            np.testing.assert_allclose(out[s, 0, n], (p / p.sum()) @ v[s, :lengths[s], head], atol=1e-5)
+
+
+def test_engine_state_shards_slots_over_the_batch_axes():
+    mesh = shd.make_mesh((2, 2, 2))
+    state = init_state(config=CFG, slots=8, cache_len=128, rows=3, max_new_tokens=4, pad_id=0, mesh=mesh)
+    assert isinstance(state, EngineState)
+    assert state.caches[0].k.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")
+    paged = init_state(config=CFG, slots=8, cache_len=128, rows=3, max_new_tokens=4, pad_id=0, mesh=mesh,
+                       attention="paged")
+    assert paged.caches[0].kv.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+
+
+def test_the_tpu_paged_kernel_path_agrees_with_the_jnp_decode_attention():
+    # The ragged paged-attention kernel has no CPU interpret mode, so its arguments (pages, block table, lengths,
+    # scale) are checked through JAX's (eager) reference of the same kernel; that it lowers for a TPU, under
+    # shard_map, is checked by `plan` on the paper config
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+
+    from exprl_jax.models.decode_attention import _paged
+
+    rng = np.random.default_rng(0)
+    K, S, L, H, N = 2, 4, 256, 128, 8
+    k, v = (jnp.asarray(x, jnp.float32) for x in rng.normal(size=(2, S, L, K, H)))
+    cache = PagedSlotCache(PagedSlotCache.interleave(k, v))
+    assert np.array_equal(np.asarray(cache.kv[:, :, 2]), np.asarray(k[:, :, 1]))  # head 1's key at 2, value at 3
+    assert np.array_equal(np.asarray(cache.kv[:, :, 3]), np.asarray(v[:, :, 1]))
+    q = jnp.asarray(rng.normal(size=(S, 1, N, H)), jnp.float32)
+    lengths = jnp.asarray([1, 130, 256, 7])
+    want = np.asarray(decode_attention(q, SlotCache(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), lengths,
+                                       block_kv=64))
+    got = np.asarray(_paged(q, cache, lengths, kernel=ref_ragged_paged_attention))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_both_cache_layouts_hold_the_same_keys_and_values_after_put_and_write():
+    rng = np.random.default_rng(5)
+    K, S, L, H, P = 2, 3, 16, 4, 5
+    k_RPKH, v_RPKH = (jnp.asarray(x, jnp.float32) for x in rng.normal(size=(2, 2, P, K, H)))
+    k_S1KH, v_S1KH = (jnp.asarray(x, jnp.float32) for x in rng.normal(size=(2, S, 1, K, H)))
+    slots, positions = jnp.asarray([2, S]), jnp.asarray([5, 9, 15])  # row 1 goes to slot S: dropped
+    split = SlotCache.zeros(K, S, L, H, jnp.float32).put(slots, k_RPKH, v_RPKH).write(k_S1KH, v_S1KH, positions)
+    paged = PagedSlotCache.zeros(K, S, L, H, jnp.float32).put(slots, k_RPKH, v_RPKH).write(k_S1KH, v_S1KH,
+                                                                                           positions)
+    assert np.array_equal(np.asarray(paged.kv[:, :, 0::2]), np.asarray(split.k).transpose(0, 2, 1, 3))
+    assert np.array_equal(np.asarray(paged.kv[:, :, 1::2]), np.asarray(split.v).transpose(0, 2, 1, 3))
+    want_k = np.zeros((S, L, K, H), np.float32)  # position-major here, compared head-major below
+    want_k[2, :P] = k_RPKH[0]
+    want_k[np.arange(S), np.asarray(positions)] = np.asarray(k_S1KH[:, 0])
+    assert np.array_equal(np.asarray(split.k), want_k.transpose(0, 2, 1, 3))
