@@ -209,7 +209,7 @@ class StepPlan:
             programs.append(compile_program(
                 "rollout insert (refill)", f"{k} rows into {engine.slots} slots",
                 lambda: insert.lower(state, prefilled, prefilled[1], prefilled[2], prompts["rows"], slot_ids,
-                                     prompts["lengths"], mesh=mesh),
+                                     prompts["lengths"], sampling=sampling, mesh=mesh),
                 resident=resident + per_chip_bytes(self.rollout_params))[0])
         programs.append(compile_program(
             "rollout decode", f"{engine.slots} slots x {engine.cache_len(self.P)} positions",

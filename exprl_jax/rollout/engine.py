@@ -2,8 +2,9 @@
 
 Three jitted programs and a small host loop. `prefill` runs a batch of waiting prompts (the prompt tokens only,
 logits only at each row's last prompt position) and samples each row's first token; `insert` writes them into free
-slots of the donated engine state; `decode` steps every slot one token at a time, each at its own length (decode
-attention covers only the filled part of the cache), until enough slots have finished to refill them. Finished rows
+slots of the donated engine state and records that token; `decode` steps every slot one token at a time, each at
+its own length (decode attention covers only the filled part of the cache), until enough slots have finished to
+refill them. Finished rows
 go straight into row-indexed outputs, so results never depend on the schedule: row i's tokens and log-probs are a
 function of (params, prompt i, rng, i) only (the noise of token t of row i is drawn from fold_in(fold_in(rng, i), t)).
 """
@@ -31,7 +32,7 @@ class EngineState(NamedTuple):
     row: jax.Array  # [S] int32: the row in each slot, -1 if free
     step: jax.Array  # [S] int32: response index of `token`
     length: jax.Array  # [S] int32: tokens written into the slot's cache
-    token: jax.Array  # [S] int32: sampled, not yet recorded nor fed to the model
+    token: jax.Array  # [S] int32: sampled and recorded, not yet fed to the model
     logprob: jax.Array  # [S] float32
     out_tokens: jax.Array  # [N, R] int32, pad after the end
     out_logprobs: jax.Array  # [N, R] float32, 0 after the end
@@ -81,28 +82,55 @@ def prefill(params, prompts_RP, prompt_lengths_R, rows_R, rng, *, config: ModelC
         return caches, token, logprob
 
 
-@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("mesh",))
-def insert(state: EngineState, prefilled, token_R, logprob_R, rows_R, slots_R, prompt_lengths_R, *, mesh):
-    """Puts prefilled rows into slots (a slot index >= S marks a padding row: dropped)."""
+def _record(s: EngineState, live, token, logprob, step, eos) -> tuple[EngineState, jax.Array]:
+    """Writes each live slot's sampled token at response index `step` of its row and ends the rows whose token is
+    an EOS or the last one allowed; returns the state and the slots still live (to be fed to the model)."""
+    N, R = s.out_tokens.shape
+    target = jnp.where(live, s.row, N)  # N: out of range, dropped
+    is_eos = jnp.isin(token, eos)
+    done = live & (is_eos | (step + 1 >= R))
+    ended = jnp.where(done, s.row, N)
+    s = s._replace(out_tokens=s.out_tokens.at[target, step].set(token, mode="drop"),
+                   out_logprobs=s.out_logprobs.at[target, step].set(logprob, mode="drop"),
+                   out_lengths=s.out_lengths.at[ended].set(step + 1, mode="drop"),
+                   out_truncated=s.out_truncated.at[ended].set(~is_eos, mode="drop"))
+    return s, live & ~done
+
+
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("sampling", "mesh"))
+def insert(state: EngineState, prefilled, token_R, logprob_R, rows_R, slots_R, prompt_lengths_R, *,
+           sampling: SamplingParams, mesh):
+    """Puts prefilled rows into slots (a slot index >= S marks a padding row: dropped) and records their first
+    token; a row that ends with it (an EOS, or max_new_tokens = 1) leaves its slot free."""
     with shd.use_mesh(mesh):
         caches, _, _ = prefilled
         new_caches = tuple(c.put(slots_R, p.k, p.v) for c, p in zip(state.caches, caches))  # at (slots, :P)
-        set_ = lambda x, v: x.at[slots_R].set(v, mode="drop")  # noqa: E731
-        return _constrain_state(state._replace(
-            caches=new_caches, row=set_(state.row, rows_R), step=set_(state.step, 0),
-            length=set_(state.length, prompt_lengths_R), token=set_(state.token, token_R),
-            logprob=set_(state.logprob, logprob_R)))
+        S = state.row.shape[0]
+        valid = slots_R < S
+        in_slot = lambda x: jnp.zeros((S,), x.dtype).at[slots_R].set(x, mode="drop")  # noqa: E731
+        row, token, logprob = in_slot(rows_R), in_slot(token_R), in_slot(logprob_R)
+        occupied = jnp.zeros((S,), bool).at[slots_R].set(valid, mode="drop")
+        s = state._replace(row=jnp.where(occupied, row, state.row))
+        s, live = _record(s, occupied, token, logprob, jnp.zeros((S,), jnp.int32), _eos(sampling))
+        keep = lambda new, old: jnp.where(occupied, new, old)  # noqa: E731
+        return _constrain_state(s._replace(
+            caches=new_caches, row=jnp.where(occupied & ~live, -1, s.row), step=keep(0, s.step),
+            length=keep(in_slot(prompt_lengths_R), s.length), token=keep(token, s.token),
+            logprob=keep(logprob, s.logprob)))
+
+
+def _eos(sampling: SamplingParams):
+    return jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
 
 
 @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("config", "sampling", "mesh"))
 def decode(params, state: EngineState, rng, waiting, refill_rows, max_steps, *, config: ModelConfig,
            sampling: SamplingParams, mesh) -> EngineState:
     """Decode steps until every slot is free, or `min(refill_rows, waiting)` slots are free while rows wait, or
-    `max_steps` steps ran. One step records each live slot's sampled token (finishing its row on EOS or at the
-    length limit), feeds it to the model at the slot's own position and samples the next one."""
-    R = state.out_tokens.shape[1]
-    N = state.out_tokens.shape[0]
-    eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
+    `max_steps` steps ran. One step feeds each live slot's last token to the model at the slot's own position,
+    samples the next one and records it, ending the row on an EOS or at the length limit (so no step is spent on a
+    row that has already ended)."""
+    eos = _eos(sampling)
 
     def keep_going(carry):
         state, i = carry
@@ -114,22 +142,13 @@ def decode(params, state: EngineState, rng, waiting, refill_rows, max_steps, *, 
     def step(carry):
         s, i = carry
         live = s.row >= 0
-        target = jnp.where(live, s.row, N)  # N: out of range, dropped
-        is_eos = jnp.isin(s.token, eos)
-        done = live & (is_eos | (s.step + 1 >= R))
-        ended = jnp.where(done, s.row, N)
-        s = s._replace(
-            out_tokens=s.out_tokens.at[target, s.step].set(s.token, mode="drop"),
-            out_logprobs=s.out_logprobs.at[target, s.step].set(s.logprob, mode="drop"),
-            out_lengths=s.out_lengths.at[ended].set(s.step + 1, mode="drop"),
-            out_truncated=s.out_truncated.at[ended].set(~is_eos, mode="drop"))
-        live = live & ~done
         positions = jnp.where(live, s.length, 0)  # free slots attend to nothing and stretch no loop bound
         logits, caches = forward_with_cache(config, params, s.token[:, None], positions[:, None], s.caches, 0, None,
                                             logits_at=0)
         token, logprob = sample_rows(rng, s.row, s.step + 1, logits, sampling)
+        s, still = _record(s, live, token, logprob, s.step + 1, eos)
         s = _constrain_state(s._replace(
-            caches=caches, row=jnp.where(live, s.row, -1), step=jnp.where(live, s.step + 1, s.step),
+            caches=caches, row=jnp.where(still, s.row, -1), step=jnp.where(live, s.step + 1, s.step),
             length=jnp.where(live, s.length + 1, s.length), token=jnp.where(live, token, s.token),
             logprob=jnp.where(live, logprob, s.logprob),
             busy_slot_steps=s.busy_slot_steps + live.sum(), slot_steps=s.slot_steps + live.shape[0]))
@@ -201,4 +220,5 @@ class Engine:
         if self.mesh is not None:
             args = tuple(jax.device_put(x, shd.batch_sharding(self.mesh, x.ndim)) for x in args)
         prefilled = prefill(params, *args, rng, config=self.config, sampling=self.sampling, mesh=self.mesh)
-        return insert(state, prefilled, prefilled[1], prefilled[2], args[2], slot_ids, args[1], mesh=self.mesh)
+        return insert(state, prefilled, prefilled[1], prefilled[2], args[2], slot_ids, args[1],
+                      sampling=self.sampling, mesh=self.mesh)
