@@ -51,7 +51,10 @@ _RESULTS = flags.DEFINE_string("results", "", "Where to write the Markdown repor
 def _quick(overrides: dict) -> dict:
     return {**overrides, "train.steps": 0 if overrides.get("train.steps") == 0 else 2, "stage2.steps": 2,
             "eval.num_samples": 4, "eval.final_num_samples": 8, "testbed.ladder_problems": 6,
-            "testbed.num_pool": 48, "testbed.hard_filter_k": 4}
+            "testbed.num_pool": 48, "testbed.hard_filter_k": 4,
+            # a quick run's caches stay in its workdir, not next to the shipped base
+            "eval.cache_dir": os.path.join(_WORKDIR.value, "cache"),
+            "testbed.filter_cache_dir": os.path.join(_WORKDIR.value, "cache")}
 
 
 def arm_config(name: str, seed: int, quick: bool = False):

@@ -161,6 +161,7 @@ class TestbedSection:
     num_pool: int = 2048  # hard candidates generated before the base-model filter
     hard_filter_k: int = 16  # keep problems the base fails in all k samples (SPEC §2); 0 = no filter
     base_checkpoint: str = "assets/testbed_base"  # the shipped pre-trained base (relative to the repo root)
+    filter_cache_dir: str = ""  # where the base-model filter's result is cached ("": next to base_checkpoint)
     ladder_steps: tuple[int, ...] = ()  # the evaluation ladder: chain lengths evaluated after each stage
     ladder_problems: int = 64  # held-out chains per rung
 

@@ -21,7 +21,7 @@ from exprl_jax.experiment import Experiment
 from exprl_jax.report import (format_mde, format_table, minimum_detectable_effects_of, plot_pass_at_k,  # noqa: F401
                                plot_pass_at_k_curves)
 
-EVAL_VERSION = 2  # part of the base-evaluation cache key: bump when evaluate_policy's counting changes
+EVAL_VERSION = 3  # in the base-evaluation cache key: bump when the counting or the sampler's random streams change
 MAX_EVAL_ROWS = 1024  # sampled rows per generate call (KV-cache memory)
 
 

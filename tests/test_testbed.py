@@ -199,7 +199,7 @@ def test_hard_filter_samples_once_and_caches(tmp_path, monkeypatch):
     assert saved["kept_ids"] == [r.id for r in train] and saved["key"]["samples"] == 2
     saved["kept_ids"] = saved["kept_ids"][:2]
     cache.write_text(json.dumps(saved))
-    monkeypatch.setattr(tb, "pass_counts", lambda *a, **k: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(tb.hf, "pass_counts", lambda *a, **k: pytest.fail("the cache was not used"))
     assert [r.id for r in tb.testbed_records(cfg)[0]] == saved["kept_ids"]
     other = dataclasses.replace(cfg, testbed=dataclasses.replace(cfg.testbed, base_checkpoint=str(tmp_path / "x")))
     with pytest.raises(FileNotFoundError, match="hard_filter_k=0"):

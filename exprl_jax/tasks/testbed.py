@@ -11,15 +11,13 @@ matched by luck in ~1-2% of samples at k >= 8: a ~20% pass@16 floor on problems 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import string
 
 import numpy as np
 
 from exprl_jax.data import QARecord
-from exprl_jax.data.hard_filter import pass_counts
+from exprl_jax.data import hard_filter as hf
 
 LETTERS = string.ascii_lowercase
 MAX_DISTRACTORS = 2
@@ -216,40 +214,29 @@ def resolve_base(path: str) -> tuple[str, str]:
     return base, hf if os.path.isfile(os.path.join(hf, "config.json")) else base
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+FILTER_VERSION = 2  # part of the filter's cache key: bump when the sampler's random streams or the counting change
 
 
 def hard_filter(cfg, pool: list[QARecord], chunk: int = 64) -> list[QARecord]:
-    """Keeps the problems the base fails in all `hard_filter_k` samples. The kept ids are cached in a JSON file
-    next to the base checkpoint, keyed by the pool, the sampling parameters and the weights' sha256."""
+    """Keeps the problems the base fails in all `hard_filter_k` samples (a problem without a verdict, where the
+    answer checker failed, is not kept). The result is cached in a JSON file next to the base checkpoint, keyed by
+    the pool, the sampling parameters and the weights' sha256."""
     t = cfg.testbed
     base_dir, hf_dir = resolve_base(t.base_checkpoint)
-    weights = os.path.join(hf_dir, "model.safetensors")
-    if not os.path.isfile(weights):
+    if not os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
         raise FileNotFoundError(f"config.testbed.base_checkpoint={t.base_checkpoint!r}: no model.safetensors in "
                                 f"{hf_dir}; set testbed.hard_filter_k=0 to skip the base-model filter")
-    key = {"pool": hashlib.sha256("\n".join(r.id + "|" + r.problem for r in pool).encode()).hexdigest(),
-           "samples": t.hard_filter_k, "temperature": cfg.eval.temperature, "template": cfg.data.prompt_template,
+    key = {"version": FILTER_VERSION, "pool": hf.pool_sha256(pool), "samples": t.hard_filter_k,
+           "temperature": cfg.eval.temperature, "template": cfg.data.prompt_template,
            "max_new_tokens": max_new_tokens(t.stage1_steps), "seed": SEEDS["pool"],
-           "weights_sha256": _file_sha256(weights)}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(base_dir, f"stage1_filter_{digest}.json")
+           "weights_sha256": hf.weights_sha256(hf_dir)}
+    cache_dir = resolve_base(t.filter_cache_dir)[0] if t.filter_cache_dir else base_dir
+    path = os.path.join(cache_dir, f"stage1_filter_{hf.key_digest(key)}.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            kept = set(json.load(f)["kept_ids"])
-        return [r for r in pool if r.id in kept]
-    counts = pass_counts(hf_dir, pool, samples=key["samples"], temperature=key["temperature"], template=key["template"],
-                         max_new_tokens=key["max_new_tokens"], seed=key["seed"], answer_style=cfg.data.answer_style,
-                         chunk=chunk)
-    kept = [r.id for r, c in zip(pool, counts) if c == 0]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"key": key, "kept_ids": kept, "correct_counts": dict(zip((r.id for r in pool), counts))}, f)
-    os.replace(tmp, path)
-    return [r for r in pool if r.id in set(kept)]
+        return hf.apply_filter(pool, path)
+    counts = hf.pass_counts(hf_dir, pool, samples=key["samples"], temperature=key["temperature"],
+                            template=key["template"], max_new_tokens=key["max_new_tokens"], seed=key["seed"],
+                            answer_style=cfg.data.answer_style, chunk=chunk)
+    hf.write_result(path, key, pool, counts)
+    return hf.apply_filter(pool, path)
 
