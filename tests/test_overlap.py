@@ -28,14 +28,18 @@ def _traced_runner(monkeypatch, events):
     monkeypatch.setattr(StepRunner, "update", traced("update", update))
 
 
-def test_next_steps_judging_runs_beside_this_steps_update(tmp_path, monkeypatch):
+def _run_traced(tmp_path, monkeypatch, steps: int, overlap: bool):
+    """(score events, update events) of a smoke run, each sorted by start time."""
     events = []
     _traced_runner(monkeypatch, events)
-    cfg = smoke_config(**{"train.steps": 3, "judge.overlap": True, "eval.at_start": False, "eval.at_end": False,
-                          "judge.cache": False, "loss.ppo_mini_batch_size": 0})
+    cfg = smoke_config(**{"train.steps": steps, "judge.overlap": overlap, "eval.at_start": False,
+                          "eval.at_end": False, "judge.cache": False, "loss.ppo_mini_batch_size": 0})
     Experiment(cfg, str(tmp_path)).run()
-    scores = sorted((e for e in events if e[0] == "score"), key=lambda e: e[2])
-    updates = sorted((e for e in events if e[0] == "update"), key=lambda e: e[2])
+    return tuple(sorted((e for e in events if e[0] == name), key=lambda e: e[2]) for name in ("score", "update"))
+
+
+def test_next_steps_judging_runs_beside_this_steps_update(tmp_path, monkeypatch):
+    scores, updates = _run_traced(tmp_path, monkeypatch, steps=3, overlap=True)
     assert len(scores) == 3  # each step's rollouts scored exactly once (a prefetched scoring is not redone)
     assert len(updates) == 3
     for step in range(2):  # the scoring of step s+1 started before the update of step s ended
@@ -43,11 +47,5 @@ def test_next_steps_judging_runs_beside_this_steps_update(tmp_path, monkeypatch)
 
 
 def test_without_overlap_scoring_waits_for_its_own_step(tmp_path, monkeypatch):
-    events = []
-    _traced_runner(monkeypatch, events)
-    cfg = smoke_config(**{"train.steps": 2, "judge.overlap": False, "eval.at_start": False, "eval.at_end": False,
-                          "judge.cache": False, "loss.ppo_mini_batch_size": 0})
-    Experiment(cfg, str(tmp_path)).run()
-    scores = sorted((e for e in events if e[0] == "score"), key=lambda e: e[2])
-    updates = sorted((e for e in events if e[0] == "update"), key=lambda e: e[2])
+    scores, updates = _run_traced(tmp_path, monkeypatch, steps=2, overlap=False)
     assert len(scores) == 2 and scores[1][2] > updates[0][3]  # on-policy: step 1 is sampled after update 0

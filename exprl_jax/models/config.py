@@ -7,6 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from exprl_jax.models.attention import ATTENTION_IMPLS
+from exprl_jax.models.decode_attention import DECODE_IMPLS
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -71,9 +72,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.logits_chunk={self.logits_chunk} must be >= 0 (0 = unchunked)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}; supported: {ATTENTION_IMPLS}")
-        if self.decode_attention_impl not in ("auto", "jnp", "paged"):
+        if self.decode_attention_impl not in DECODE_IMPLS:
             raise ValueError(f"ModelConfig.decode_attention_impl={self.decode_attention_impl!r}; "
-                             "supported: ('auto', 'jnp', 'paged')")
+                             f"supported: {DECODE_IMPLS}")
         for name in ("attention_block_q", "attention_block_kv", "decode_block_kv"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 1")

@@ -82,6 +82,10 @@ def prefill(params, prompts_RP, prompt_lengths_R, rows_R, rng, *, config: ModelC
         return caches, token, logprob
 
 
+def _eos(sampling: SamplingParams):
+    return jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
+
+
 def _record(s: EngineState, live, token, logprob, step, eos) -> tuple[EngineState, jax.Array]:
     """Writes each live slot's sampled token at response index `step` of its row and ends the rows whose token is
     an EOS or the last one allowed; returns the state and the slots still live (to be fed to the model)."""
@@ -117,10 +121,6 @@ def insert(state: EngineState, prefilled, token_R, logprob_R, rows_R, slots_R, p
             caches=new_caches, row=jnp.where(occupied & ~live, -1, s.row), step=keep(0, s.step),
             length=keep(in_slot(prompt_lengths_R), s.length), token=keep(token, s.token),
             logprob=keep(logprob, s.logprob)))
-
-
-def _eos(sampling: SamplingParams):
-    return jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
 
 
 @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("config", "sampling", "mesh"))
