@@ -11,11 +11,13 @@ from exprl_jax.tasks import probes
 BASE = os.path.join(ROOT, "assets", "testbed_base")
 
 
-def test_pool_rule_takes_the_shortest_k_in_the_band_with_almost_no_successes():
-    stats = {6: {"pass@1": 0.05}, 7: {"pass@1": 0.008}, 8: {"pass@1": 0.001}, 9: {"pass@1": 0.0}}
+def test_pool_rule_takes_the_shortest_k_in_the_band_whose_filtered_pool_is_almost_never_solved():
     late = {6: {"step": 0.5}, 7: {"step": 0.3}, 8: {"step": 0.2}, 9: {"step": 0.1}}
-    assert probes.choose_pool(stats, late) == 7  # k = 6 is solved too often, k = 9's last step is too unreliable
-    assert probes.choose_pool(stats, {k: {"step": 0.9} for k in late}) is None
+    assert probes.pool_candidates(late) == [7, 8]  # k = 6's last step is too reliable, k = 9's too unreliable
+    assert probes.choose_pool(late, {7: 0.008, 8: 0.001}) == 7
+    assert probes.choose_pool(late, {7: 0.02, 8: 0.001}) == 8  # k = 7's filtered pool is still solved too often
+    assert probes.choose_pool(late, {7: 0.02}) is None  # k = 8 not measured: no choice
+    assert probes.choose_pool({k: {"step": 0.9} for k in late}, {7: 0.0}) is None
 
 
 @pytest.mark.slow

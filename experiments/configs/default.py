@@ -11,7 +11,7 @@ It prints the training signal, accuracy per chain position and pass@k with paire
 """
 from exprl_jax.config import default_config_dict
 
-POOL_K = 7  # the Stage-I chain length, chosen from the base's probes (assets/testbed_base/README.md)
+POOL_K = 7  # the Stage-I chain length, chosen by the pool rule from the base's probes (assets/testbed_base/README.md)
 
 
 def get_config():

@@ -59,11 +59,12 @@ def _cps(rec: QARecord):
     return checkpoints_of("\n".join(rec.checkpoints))
 
 
-def sample_accuracy(base: Base, k: int, problems: int, n: int, key, teacher: bool = False) -> dict:
+def sample_accuracy(base: Base, k: int, problems: int, n: int, key, teacher: bool = False, pairs=None) -> dict:
     """Answer pass@1 / pass@n (share of problems with a success), exact-trace pass@1, steps written and the share
-    of single-segment responses, from n samples of `problems` held-out chains; `teacher`: the prompt holds the
-    reference (the self-distillation teacher's view)."""
-    pairs = _records(k, problems)
+    of single-segment responses, from n samples of `problems` held-out chains (or of the given (item, record)
+    `pairs`); `teacher`: the prompt holds the reference (the self-distillation teacher's view)."""
+    pairs = _records(k, problems) if pairs is None else pairs[:problems]
+    problems = len(pairs)
     records = [dataclasses.replace(rec, problem=tb.teacher_problem(item)) if teacher else rec for item, rec in pairs]
     texts, cut = base.sample(records, key, n, tb.max_new_tokens([k]))
     rows = [rec for _, rec in pairs for _ in range(n)]
@@ -85,10 +86,11 @@ def _continue(base: Base, prefixes: list[tuple[QARecord, str]], key, n: int, max
     return [prefixes[i // n][1] + t for i, t in enumerate(texts)], cut
 
 
-def late_step_accuracy(base: Base, k: int, problems: int, n: int, key) -> dict:
+def late_step_accuracy(base: Base, k: int, problems: int, n: int, key, pairs=None) -> dict:
     """Given the first k-1 steps of the native trace, how often the base writes step k right and finishes with
-    the right answer: the reliability of its last look-up, which no amount of earlier progress replaces."""
-    pairs = _records(k, problems, split="pool")
+    the right answer: the reliability of its last look-up, which no amount of earlier progress replaces. On the
+    first `problems` pool chains of length k, or on the given (item, record) `pairs`."""
+    pairs = _records(k, problems, split="pool") if pairs is None else pairs[:problems]
     prefixes = [(rec, "###".join(tb.native_trace(item).split("###")[:k - 1]) + "###") for item, rec in pairs]
     texts, cut = _continue(base, prefixes, key, n, 64)
     rows = [rec for rec, _ in prefixes for _ in range(n)]
@@ -154,12 +156,42 @@ def reverse_kl(base: Base, k: int, problems: int, n: int, key, temperature: floa
             "q25": float(q25), "q75": float(q75)}
 
 
-def choose_pool(stats: dict[int, dict], late: dict[int, dict], band=(0.15, 0.40), max_acc: float = 0.01):
+LATE_BAND = (0.15, 0.40)  # late-step accuracy given a correct prefix: something to reinforce, far from solved
+MAX_POOL_ACCURACY = 0.01
+
+
+def pool_candidates(late: dict[int, dict], band=LATE_BAND) -> list[int]:
+    """Chain lengths whose late-step accuracy given a correct prefix lies in `band`, shortest first."""
+    return [k for k in sorted(late) if band[0] <= late[k]["step"] <= band[1]]
+
+
+def choose_pool(late: dict[int, dict], pool_accuracy: dict[int, float], band=LATE_BAND,
+                max_acc: float = MAX_POOL_ACCURACY):
     """The Stage-I pool's chain length: the shortest k whose late-step accuracy given a correct prefix lies in
-    `band` and whose sample accuracy is at most `max_acc` (None when no k qualifies)."""
-    ok = [k for k in sorted(stats) if k in late and band[0] <= late[k]["step"] <= band[1]
-          and stats[k]["pass@1"] <= max_acc]
+    `band` and whose filtered pool (the problems the base failed in all filter samples) the base solves in at most
+    `max_acc` of fresh samples (None when no k qualifies)."""
+    ok = [k for k in pool_candidates(late, band) if k in pool_accuracy and pool_accuracy[k] <= max_acc]
     return ok[0] if ok else None
+
+
+def filtered_pool(config_path: str, k: int, **overrides) -> list[tuple[tb.Item, QARecord]]:
+    """The Stage-I pool of `config_path` with chain length k after its base-model filter (computed and cached next
+    to the base, where the experiment finds it), as (item, record) pairs."""
+    from exprl_jax.config import load_config
+
+    cfg = load_config(config_path, **{"testbed.stage1_steps": (k,), **overrides})
+    kept = {r.id for r in tb.testbed_records(cfg)[0]}
+    t = cfg.testbed
+    return [(item, rec) for item, rec in _records(k, t.num_pool, split="pool") if rec.id in kept]
+
+
+def read_json(path: str):
+    import json
+
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_json(path: str, value) -> None:
