@@ -156,7 +156,7 @@ class TestbedSection:
     reference_prompt_frac: float = 0.1  # pre-training items whose prompt contains a reference (teacher skill)
     reference_prompt_steps: tuple[int, ...] = ()  # their difficulty; () = pretrain_steps + long_steps
     num_pretrain: int = 65536  # pre-training items generated (the SFT loop cycles through them)
-    stage1_steps: tuple[int, ...] = (7, 8)  # Stage-I set and same-difficulty eval set (base answer pass@16 ~20%)
+    stage1_steps: tuple[int, ...] = (7, 8)  # Stage-I set and same-difficulty eval set (default.py: the pool rule's k)
     harder_steps: tuple[int, ...] = (9,)  # the held-out harder eval set (beyond every pre-training chain)
     num_pool: int = 2048  # hard candidates generated before the base-model filter
     hard_filter_k: int = 16  # keep problems the base fails in all k samples (SPEC §2); 0 = no filter
