@@ -58,8 +58,9 @@ def main(argv):
     args = flags.FLAGS
     cfg = from_dict(ExperimentConfig, args.config.to_dict())
     path, result = filter_hard(cfg, k=args.k, out_dir=args.out_dir, seed=args.seed, chunk=args.chunk)
-    counts = list(result["pass_counts"].values())
+    counts = [c for c in result["pass_counts"].values() if c is not None]
     print(json.dumps({"problems": result["num_records"], "kept": result["num_kept"],
+                      "no_verdict": len(result.get("no_verdict_ids", [])),
                       "mean_pass_rate": sum(counts) / (len(counts) * args.k) if counts else None}, indent=1))
     print(f"train on them with --config.data.filter_path={path}")
 

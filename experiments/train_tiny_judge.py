@@ -51,7 +51,7 @@ def judge_records(records, tokenizer, seed: int = 0, noise_per_problem: int = 8)
     """(judge prompt -> answer) records: per problem the reference, `noise_per_problem` random traces and an empty
     one, each rendered with the `outcome` template and then the judge tokenizer's chat template."""
     from exprl_jax.judge.templates import load_template
-    from exprl_jax.steps import prompt_messages_text
+    from exprl_jax.judge.templates import prompt_messages_text
     from exprl_jax.tokenizer import CHAR_VOCAB
 
     template, rng = load_template("outcome"), np.random.default_rng(seed)

@@ -122,7 +122,8 @@ class ProcessSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class JudgeSection:
-    backend: str = "programmatic"  # "openai", "local", "programmatic"
+    backend: str = "programmatic"  # "openai", "local", "programmatic"; "exact_step": the exact per-step reward
+    #                                (a positive control for exprl_process, exprl_jax/rewards/exact_step.py)
     base_url: str = ""
     model: str = ""
     api_key_env: str = ""  # name of the environment variable holding the key (never the key itself)
@@ -135,6 +136,8 @@ class JudgeSection:
     overlap: bool = False  # judge step t while sampling step t+1 (one step off-policy)
     cache: bool = True  # content-addressed answer cache under <workdir>/judge_cache
     use_reference: bool = True
+    reference: str = "own"  # "other": judge against another training problem's reference (a drift control)
+    noise: float = 0.0  # programmatic: share of verdicts replaced by a uniform 1..5 draw (misplacement ~ noise/2)
     rubric_path: str = ""  # JSON of per-problem checkpoints built once (optional)
     domain_templates: tuple[str, ...] = ()  # "domain=template set" added to judge.reward.DOMAIN_TEMPLATE_SETS
     #                                         (math / testbed -> math, science -> science, code -> code); a record's
@@ -153,11 +156,14 @@ class TestbedSection:
     reference_prompt_frac: float = 0.1  # pre-training items whose prompt contains a reference (teacher skill)
     reference_prompt_steps: tuple[int, ...] = ()  # their difficulty; () = pretrain_steps + long_steps
     num_pretrain: int = 65536  # pre-training items generated (the SFT loop cycles through them)
-    stage1_steps: tuple[int, ...] = (7, 8)  # Stage-I set and same-difficulty eval set (base answer pass@16 ~20%)
+    stage1_steps: tuple[int, ...] = (7, 8)  # Stage-I set and same-difficulty eval set (default.py: the pool rule's k)
     harder_steps: tuple[int, ...] = (9,)  # the held-out harder eval set (beyond every pre-training chain)
     num_pool: int = 2048  # hard candidates generated before the base-model filter
     hard_filter_k: int = 16  # keep problems the base fails in all k samples (SPEC §2); 0 = no filter
     base_checkpoint: str = "assets/testbed_base"  # the shipped pre-trained base (relative to the repo root)
+    filter_cache_dir: str = ""  # where the base-model filter's result is cached ("": next to base_checkpoint)
+    ladder_steps: tuple[int, ...] = ()  # the evaluation ladder: chain lengths evaluated after each stage
+    ladder_problems: int = 64  # held-out chains per rung
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -180,6 +186,8 @@ class EvalSection:
     max_new_tokens: int = 0  # 0 = rollout.max_new_tokens
     at_start: bool = True
     at_end: bool = True
+    final_num_samples: int = 0  # pipeline: n per problem on the hardest rung after Stage II (0: no extra pass)
+    cache_dir: str = ""  # pipeline: the base model's evaluations, keyed by its weights' sha256 ("": <hf_path>/eval_cache)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -189,6 +197,7 @@ class Stage2Section:
     steps: int = 0  # 0 = no Stage II
     learning_rate: float = -1.0  # -1: the Stage-I optim.learning_rate
     group_size: int = 0  # 0: the Stage-I rollout.group_size (SPEC §5: 32 in the paper)
+    prompts_per_step: int = 0  # 0: the Stage-I rollout.prompts_per_step
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

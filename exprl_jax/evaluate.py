@@ -6,6 +6,8 @@ from __future__ import annotations
 import operator
 from typing import Iterable, Sequence
 
+import numpy as np
+
 # ---------------------------------------------------------------- pass@k (pure)
 
 
@@ -78,34 +80,43 @@ def default_ks(n: int) -> list[int]:
 # ---------------------------------------------------------------- the sampling eval loop
 
 
+def chain_reach(progress_per_sample, totals) -> list[float]:
+    """Held-out accuracy per chain position: entry j-1 is the share of samples whose first j checkpoints are all
+    established, over the samples whose problem has at least j checkpoints."""
+    progress, totals = np.asarray(progress_per_sample), np.asarray(totals)
+    return [float(np.mean(progress[totals >= j] >= j)) for j in range(1, int(totals.max(initial=0)) + 1)]
+
+
 def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: int, temperature: float,
                     max_new_tokens: int, template: str, answer_style: str, eos, pad: int, mesh=None,
                     delimiter: str = "###", prompts_per_batch: int = 0, chat: bool = False,
                     max_concurrent_rows: int = 0, progress: str | None = None) -> dict:
     """n samples per problem at `temperature`, answers checked for equivalence (not string equality), pass@k for
-    k = 1, 2, 4, ... n, and behaviour statistics (SPEC §7). Records that carry `checkpoints` also get exact-trace
-    success (right answer and every checkpoint written, `exact_pass@k`) and the mean share of checkpoints written.
-    `progress`: a label for console lines at the start and after every chunk of `prompts_per_batch` problems.
-    Returns {"metrics", "pass_at_k", "per_problem"}."""
+    k = 1, 2, 4, ... n, and behaviour statistics (SPEC §7). A sample whose check gave no verdict (checker timeout)
+    is left out of its problem's count and counted in `no_verdict`; pass@k averages over the problems with at
+    least k verdicts. Records that carry `checkpoints` also get exact-trace success (the programmatic judge's
+    level 5: every checkpoint established, none contradicted, and the answer: `exact_pass@k`), the mean share of
+    checkpoints established, and `chain_reach` (accuracy per chain position; per problem, `reach[j-1]` counts the
+    samples whose first j steps are right). `progress`: a label for console lines at the start and after every
+    chunk of `prompts_per_batch` problems. Returns {"metrics", "pass_at_k", "per_problem", "chain_reach"}."""
     import time
 
     import jax
-    import numpy as np
 
+    from exprl_jax import distributed
     from exprl_jax.config import RolloutSection
+    from exprl_jax.judge.programmatic import checkpoints_of, verify
     from exprl_jax.metrics import report_progress
-    from exprl_jax.rewards.answers import check_answers, extract_answer
+    from exprl_jax.rewards.sparse import answer_verdicts
     from exprl_jax.rollouts import sample_rollouts
 
     sampling = RolloutSection(group_size=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
                               top_p=1.0, top_k=0, max_concurrent_rows=max_concurrent_rows)
     batch = prompts_per_batch or len(records)
-    from exprl_jax.judge.programmatic import checkpoints_of, statements
-
-    correct_counts, exact_counts, checkpoint_fracs, lengths, truncated, segments, texts = [], [], [], [], [], [], []
+    with_checkpoints = all(rec.checkpoints for rec in records)
+    verdicts, exact, checkpoint_fracs, chain_progress, totals = [], [], [], [], []
+    lengths, truncated, segments, texts = [], [], [], []
     started = time.time()
-    from exprl_jax import distributed
-
     progress = progress if distributed.is_primary() else None  # one process speaks for a multi-process run
     if progress:
         print(f"{progress}: sampling {len(records)} problems x {num_samples} (up to {max_new_tokens} new tokens)",
@@ -114,38 +125,53 @@ def evaluate_policy(model_cfg, params, tokenizer, records, rng, *, num_samples: 
         chunk = records[start:start + batch]
         r = sample_rollouts(model_cfg, params, tokenizer, chunk, jax.random.fold_in(rng, start),
                             rollout_cfg=sampling, template=template, eos=eos, pad=pad, mesh=mesh, chat=chat)
-        preds = [extract_answer(t, style=answer_style) for t in r.texts]
-        checks = check_answers(preds, [rec.answer for rec in r.row_records()])
-        ok = np.array([c.correct for c in checks]) & ~r.truncated
-        correct_counts += ok.reshape(len(chunk), num_samples).sum(axis=1).tolist()
-        if all(rec.checkpoints for rec in chunk):
-            fracs = []
-            for text, rec in zip(r.texts, r.row_records()):
-                written = statements(text)
-                wanted = checkpoints_of("\n".join(rec.checkpoints))
-                fracs.append(sum(v in written.get(n, ()) for n, v in wanted) / len(wanted))
-            fracs = np.asarray(fracs)
-            checkpoint_fracs += fracs.tolist()
-            exact_counts += (ok & (fracs == 1.0)).reshape(len(chunk), num_samples).sum(axis=1).tolist()
+        rows = r.row_records()
+        verdicts += answer_verdicts(r.texts, [rec.answer for rec in rows], r.truncated, style=answer_style)[0].tolist()
+        if with_checkpoints:
+            for text, rec, cut in zip(r.texts, rows, r.truncated):
+                v = verify(text, checkpoints_of("\n".join(rec.checkpoints)), rec.answer)
+                exact.append(bool(v.complete and not cut))
+                checkpoint_fracs.append(v.established / v.total)
+                chain_progress.append(v.progress)
+                totals.append(v.total)
         lengths += r.lengths.tolist()
         truncated += r.truncated.tolist()
         segments += [sum(1 for piece in t.split(delimiter) if piece.strip()) for t in r.texts]
         texts += r.texts
         if progress:
             report_progress(progress, start + len(chunk), len(records), "problems", started)
+    verdicts_PS = np.asarray(verdicts).reshape(len(records), num_samples)
+    judged_P = (~np.isnan(verdicts_PS)).sum(axis=1)
+    correct_P = np.nansum(verdicts_PS, axis=1).astype(int)
     ks = default_ks(num_samples)
-    table = pass_at_k_table([num_samples] * len(records), correct_counts, ks)
+    table = _pass_at_k_judged(judged_P, correct_P, ks)
     metrics = {f"pass@{k}": v for k, v in table.items()}
     metrics.update({
         "response_length": float(np.mean(lengths)), "truncated_frac": float(np.mean(truncated)),
         "segments_per_response": float(np.mean(segments)),
-        "never_solved_frac": float(np.mean(np.asarray(correct_counts) == 0)),
-        "problems": len(records),
+        "never_solved_frac": float(np.mean(correct_P == 0)), "problems": len(records),
+        "no_verdict": int(num_samples * len(records) - judged_P.sum()),
     })
-    if len(exact_counts) == len(records):
-        exact = pass_at_k_table([num_samples] * len(records), exact_counts, ks)
-        metrics.update({f"exact_pass@{k}": v for k, v in exact.items()})
+    exact_P, reach_P = None, [None] * len(records)
+    if with_checkpoints:
+        exact_P = np.asarray(exact).reshape(len(records), num_samples).sum(axis=1)
+        progress_PS = np.asarray(chain_progress).reshape(len(records), num_samples)
+        reach_P = [[int((progress_PS[i] >= j).sum()) for j in range(1, len(rec.checkpoints) + 1)]
+                   for i, rec in enumerate(records)]
+        metrics.update({f"exact_pass@{k}": v for k, v in pass_at_k_table([num_samples] * len(records),
+                                                                         exact_P.tolist(), ks).items()})
         metrics["checkpoint_frac"] = float(np.mean(checkpoint_fracs))
-    per_problem = [{"id": rec.id, "correct": c, "samples": num_samples, "example": texts[i * num_samples][:500]}
-                   for i, (rec, c) in enumerate(zip(records, correct_counts))]
-    return {"metrics": metrics, "pass_at_k": {str(k): v for k, v in table.items()}, "per_problem": per_problem}
+    per_problem = [{"id": rec.id, "correct": int(correct_P[i]), "samples": int(judged_P[i]),
+                    **({"exact": int(exact_P[i]), "reach": reach_P[i]} if exact_P is not None else {}),
+                    "example": texts[i * num_samples][:500]} for i, rec in enumerate(records)]
+    return {"metrics": metrics, "pass_at_k": {str(k): v for k, v in table.items()}, "per_problem": per_problem,
+            "chain_reach": chain_reach(chain_progress, totals) if with_checkpoints else []}
+
+
+def _pass_at_k_judged(judged_P, correct_P, ks) -> dict[int, float]:
+    """pass@k over the problems with at least k samples that got a verdict (NaN when none has)."""
+    table = {}
+    for k in ks:
+        eligible = [(int(n), int(c)) for n, c in zip(judged_P, correct_P) if n >= k]
+        table[k] = (float(np.mean([pass_at_k(n, c, k) for n, c in eligible])) if eligible else float("nan"))
+    return table

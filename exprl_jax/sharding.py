@@ -92,10 +92,6 @@ def param_shardings(boxed_params, mesh: Mesh, rules=LOGICAL_RULES):
     return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def param_specs(boxed_params, mesh: Mesh):
-    return jax.tree.map(lambda s: s.spec, param_shardings(boxed_params, mesh))
-
-
 # ---- activation constraints ----
 _ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("exprl_active_mesh", default=None)
 

@@ -15,10 +15,10 @@ from exprl_jax import distributed
 from exprl_jax import sharding as shd
 from exprl_jax.batching import batch_shards, minibatches, to_micro_batches
 from exprl_jax.data import QARecord
+from exprl_jax.judge.templates import prompt_messages_text
 from exprl_jax.methods import loss_mask_key
-from exprl_jax.rewards.answers import check_answers, extract_answer
 from exprl_jax.rewards.base import RewardBatch, Span, score_sync
-from exprl_jax.rewards.sparse import no_correct_frac
+from exprl_jax.rewards.sparse import answer_verdicts, no_correct_frac
 from exprl_jax.rollout.weights import make_rollout_params, rollout_model_config
 from exprl_jax.rollouts import Rollouts, prompt_text, sample_rollouts, score_responses, sequence_batch
 from exprl_jax.sampling import pad_prompts
@@ -43,13 +43,6 @@ def sft_batch(records: list[QARecord], tokenizer, *, seq_len: int, template: str
         loss_mask[i, len(prompt) - 1:len(seq) - 1] = 1.0  # entry t scores token t+1
     return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}, {
         "data/truncated_frac": truncated / len(records)}
-
-
-def prompt_messages_text(tokenizer, messages: list[dict]) -> str:
-    """A policy-side prompt from chat messages: the tokenizer's chat template when it has one, else the contents."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n".join(m["content"] for m in messages) + "\n"
 
 
 class StepRunner:
@@ -163,15 +156,18 @@ class StepRunner:
     def score(self, r: Rollouts):
         """Host work of a step: rewards (judge or answer check) or nothing (self-distillation). Thread-safe."""
         t = time.time()
-        correct = self._sparse_correct(r)
         if self.reward_fn is None:
-            return None, None, correct, time.time() - t
+            return None, None, self._sparse_correct(r), time.time() - t
         segments = self._segments(r) if self.reward_fn.kind == "process" else None
         records = r.row_records()
         reward_batch = RewardBatch(problems=[x.problem for x in records], references=[x.reference for x in records],
                                    answers=[x.answer for x in records], responses=r.texts, truncated=r.truncated,
                                    group_size=r.group_size, segments=segments, domains=[x.domain for x in records])
-        return score_sync(self.reward_fn, reward_batch), segments, correct, time.time() - t
+        result = score_sync(self.reward_fn, reward_batch)
+        # a sparse reward is the answer check itself: run once per step (NaN: the checker gave no verdict)
+        correct = (np.where(result.valid, result.scores, np.nan) if self.exp.spec.reward == "sparse"
+                   else self._sparse_correct(r))
+        return result, segments, correct, time.time() - t
 
     def build_batch(self, r: Rollouts, scored, ref_logprobs):
         """Advantages (SPEC §4) and the update batch; unscored rollouts are masked out of the loss."""
@@ -194,7 +190,7 @@ class StepRunner:
             if self.exp.spec.reward != "sparse":
                 from exprl_jax.judge.monitors import judge_verifier_agreement
 
-                metrics.update(judge_verifier_agreement(scores, correct, valid))
+                metrics.update(judge_verifier_agreement(scores, correct, valid, group_size=r.group_size))
         else:
             seg_adv = adv_lib.process(result.segment_scores, r.group_size, mode=cfg.process.mode,
                                       single_segment=cfg.process.single_segment, variant=cfg.process.variant,
@@ -214,13 +210,15 @@ class StepRunner:
         return batch, metrics
 
     def _sparse_correct(self, r: Rollouts) -> np.ndarray:
-        """[N] the final-answer check, logged in every method (SPEC §4 "Sparse"); truncated rows are wrong."""
-        preds = [extract_answer(t, style=self.cfg.data.answer_style) for t in r.texts]
-        checks = check_answers(preds, [rec.answer for rec in r.row_records()])
-        return np.array([c.correct for c in checks]) & ~r.truncated
+        """[N] the final-answer check, logged in every method (SPEC §4 "Sparse"): 1 / 0 (truncated rows 0), NaN
+        where the checker gave no verdict (excluded and counted)."""
+        return answer_verdicts(r.texts, [rec.answer for rec in r.row_records()], r.truncated,
+                               style=self.cfg.data.answer_style)[0]
 
     def _rollout_metrics(self, r: Rollouts, correct: np.ndarray) -> dict:
-        metrics = {"reward/sparse_acc": correct.mean(), "reward/no_correct_frac": no_correct_frac(correct, r.group_size),
+        metrics = {"reward/sparse_acc": np.nanmean(correct) if not np.isnan(correct).all() else np.nan,
+                   "reward/sparse_no_verdict": float(np.isnan(correct).sum()),
+                   "reward/no_correct_frac": no_correct_frac(correct, r.group_size),
                    "response/length_mean": r.lengths.mean(), "response/length_max": r.lengths.max(),
                    "response/truncated_frac": r.truncated.mean()}
         if r.logprob_gap_max is not None:  # the largest sampler-vs-trainer log-prob difference (recompute on)

@@ -44,6 +44,11 @@ def test_extract_answer(text, style, want):
     assert extract_answer(text, style=style) == want
 
 
+def test_extract_answer_default_finds_boxed_and_gsm8k_answers():
+    assert extract_answer(r"so \boxed{5}.") == "5" and extract_answer("...\n#### 1,234") == "1234"
+    assert extract_answer(r"\boxed{5} #### 6") == "5" and extract_answer("no answer") is None
+
+
 def test_extract_answer_unknown_style():
     with pytest.raises(ValueError, match="unknown answer style"):
         extract_answer(r"\boxed{1}", style="last_number")

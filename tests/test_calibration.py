@@ -220,4 +220,4 @@ def test_calibrate_judge_script_end_to_end(tmp_path):
     assert result["items"] == 5 and result["join"]["gsm8k"]["unjoined"] == 0
     assert set(result["conditions"]) == {"correct_ref", "no_ref", "wrong_ref"}
     assert result["conditions"]["correct_ref"]["n_correct"] == 3  # the slice alternates the two classes
-    assert (out_dir / "calibration.md").read_text().startswith("Judge `programmatic-v1` on 5 ProcessBench traces")
+    assert (out_dir / "calibration.md").read_text().startswith("Judge `programmatic-v2` on 5 ProcessBench traces")

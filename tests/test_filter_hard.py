@@ -95,3 +95,35 @@ def test_the_command_line(tmp_path, base_model):
          "--config.rollout.max_new_tokens=8"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert '"kept": 6' in out.stdout and "--config.data.filter_path=" in out.stdout
+
+
+def test_a_checker_failure_is_no_verdict_and_the_problem_is_not_kept(tmp_path, base_model, monkeypatch):
+    """Per record, 2 samples: [timeout, wrong] -> None (no verdict: not certified unsolved); [timeout, right] -> 1
+    (one success is a verdict); [wrong, wrong] -> 0 (kept)."""
+    import numpy as np
+
+    from exprl_jax import rollouts
+    from exprl_jax.rewards import answers
+
+    class Sampled:  # what sample_rollouts returns, none truncated
+        def __init__(self, part, n):
+            self.texts, self.truncated, self._rows = ["x"] * (len(part) * n), np.zeros(len(part) * n, bool), part
+            self.n = n
+
+        def row_records(self):
+            return [r for r in self._rows for _ in range(self.n)]
+
+    monkeypatch.setattr(rollouts, "sample_rollouts", lambda m, p, t, part, key, rollout_cfg, **k: Sampled(
+        part, rollout_cfg.group_size))
+    plan = [("timeout", False), ("not_equivalent", False), ("timeout", False), (None, True),
+            ("not_equivalent", False), ("not_equivalent", False)]
+    monkeypatch.setattr(answers, "check_answers", lambda preds, golds, **k: [
+        answers.AnswerCheck(correct=ok, pred="x", reason=reason) for reason, ok in plan])
+    records = addition_records(3, seed=0)
+    counts = hard_filter.pass_counts(base_model, records, samples=2, temperature=1.0, template="{problem}\n",
+                                     max_new_tokens=4, seed=0, answer_style="boxed", chunk=3)
+    assert counts == [None, 1, 0]
+    result = hard_filter.write_result(str(tmp_path / "r.json"), {"pool": hard_filter.pool_sha256(records)}, records,
+                                      counts)
+    assert result["kept_ids"] == [records[2].id] and result["no_verdict_ids"] == [records[0].id]
+    assert json.loads((tmp_path / "r.json").read_text())["pass_counts"][records[0].id] is None

@@ -22,7 +22,7 @@ from exprl_jax.models.hf import save_hf
 from exprl_jax.models.transformer import init_params
 from exprl_jax.rewards.base import RewardBatch, score_sync
 from exprl_jax.sampling import generate
-from exprl_jax.steps import prompt_messages_text
+from exprl_jax.judge.templates import prompt_messages_text
 from exprl_jax.tokenizer import char_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -68,6 +68,10 @@ def test_logical_to_spec_rules():
         shd.logical_to_spec(("no_such_axis",))
 
 
+def _specs(shardings):
+    return jax.tree.map(lambda s: s.spec, shardings)
+
+
 def test_golden_param_specs_tiny_on_2x2x2():
     # From LOGICAL_RULES: vocab→tensor, embed→fsdp, mlp→tensor, q_heads→tensor, kv_heads→tensor, head_dim→None,
     # norm→None; every tiny dim (V 256, D 64, N 8, K 4, F 128) divides 2, so nothing is dropped.
@@ -91,14 +95,14 @@ def test_golden_param_specs_tiny_on_2x2x2():
         **{f"layers_0/{k}": v for k, v in layer.items()},
         **{f"layers_1/{k}": v for k, v in layer.items()},
     }
-    got = _flat_specs(shd.param_specs(_boxed_shapes(CFG), shd.make_mesh((2, 2, 2))))
+    got = _flat_specs(_specs(shd.param_shardings(_boxed_shapes(CFG), shd.make_mesh((2, 2, 2)))))
     assert got == expected
     assert {k: tuple(v) for k, v in got.items()} == {k: tuple(v) for k, v in expected.items()}
 
 
 def test_undivisible_dim_is_replicated():
     cfg = ModelConfig.tiny(num_kv_heads=2)  # 2 KV heads cannot split over tensor=4; 8 query heads can
-    specs = _flat_specs(shd.param_specs(_boxed_shapes(cfg), shd.make_mesh((1, 2, 4))))
+    specs = _flat_specs(_specs(shd.param_shardings(_boxed_shapes(cfg), shd.make_mesh((1, 2, 4)))))
     assert specs["layers_0/attn/k_proj"] == P("fsdp", None, None)
     assert specs["layers_0/attn/v_proj"] == P("fsdp", None, None)
     assert specs["layers_0/attn/q_proj"] == P("fsdp", "tensor", None)

@@ -96,3 +96,43 @@ def test_no_correct_frac_edge_cases():
         no_correct_frac([1, 0, 1], 4)
     with pytest.raises(ValueError, match="0/1"):
         no_correct_frac([0.5, 1.0], 2)
+
+
+def test_answer_verdicts_marks_checker_failures_as_no_verdict():
+    from exprl_jax.rewards.sparse import answer_verdicts
+
+    verdicts, reasons = answer_verdicts([r"\boxed{4}", rf"\boxed{{{HANG}}}", r"\boxed{5}", r"\boxed{4}"],
+                                        ["4", "7", "4", "4"], [False, False, False, True], timeout_s=1.0)
+    assert verdicts[0] == 1.0 and math.isnan(verdicts[1]) and verdicts[2] == 0.0 and verdicts[3] == 0.0
+    assert reasons == [None, "timeout", None, None]
+
+
+@pytest.mark.parametrize("method", ["grpo", "exprl_outcome"])
+def test_training_checks_answers_once_per_step_and_counts_no_verdicts(tmp_path, monkeypatch, method):
+    """The sparse reward is the answer check itself (one check per step, not two); a checker timeout is a
+    no-verdict: out of the accuracy and, under the sparse reward, out of the loss, and counted."""
+    from conftest import smoke_config
+
+    from exprl_jax.experiment import Experiment
+    from exprl_jax.metrics import read_metrics
+    from exprl_jax.rewards import answers, sparse
+
+    calls = []
+
+    def fake_check(preds, golds, **kw):  # every other checked rollout times out (truncated ones are not checked)
+        calls.append(len(range(0, len(preds), 2)))
+        return [answers.AnswerCheck(False, p, "timeout") if i % 2 == 0 else answers.AnswerCheck(False, p, "no_answer")
+                for i, p in enumerate(preds)]
+
+    monkeypatch.setattr(sparse, "check_answers", fake_check)
+    cfg = smoke_config(**{"method": method, "train.steps": 2, "eval.at_start": False, "eval.at_end": False})
+    Experiment(cfg, str(tmp_path)).run()
+    assert len(calls) == 2  # one answer check per step
+    assert sum(calls) > 0  # some rollout was checked (a step whose rollouts are all truncated checks none)
+    rows = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["step"] > 0]
+    for row, timeouts in zip(rows, calls):
+        assert row["reward/sparse_no_verdict"] == timeouts
+        assert row["reward/sparse_acc"] == 0.0
+        if method == "grpo":  # out of the loss: unscored
+            assert row["reward/unscored_frac"] == pytest.approx(timeouts / 16)
+            assert row["reward/checker_timeouts"] == timeouts

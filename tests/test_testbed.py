@@ -12,7 +12,7 @@ from conftest import smoke_config
 
 from exprl_jax.config import JudgeSection
 from exprl_jax.data import QARecord
-from exprl_jax.judge.programmatic import statements
+from exprl_jax.judge.programmatic import checkpoints_of, statements, verify
 from exprl_jax.judge.reward import JudgeReward
 from exprl_jax.rewards.answers import extract_answer
 from exprl_jax.rewards.base import RewardBatch, Span, score_sync
@@ -75,22 +75,26 @@ def test_answers_traces_references_and_checkpoints_agree(k):
             written = statements(text)
             assert all(written.get(n) and set(written[n]) == {str(v)} for n, v in chain.items()), text
             assert extract_answer(text, style="boxed") == ans
-            assert tb.exact_trace_success(text, rec)
+            assert exact(text, rec)
         assert "###" not in ref and ref != native
         assert len(native) <= 14 * k + 11 <= tb.max_new_tokens([k]) - 32
         assert len(ans) == min(3, k + len(item.consts))
 
 
-def test_exact_trace_success_needs_every_checkpoint():
+def exact(text, rec):
+    """Exact-trace success as evaluate_policy counts it: the programmatic judge's level 5."""
+    return verify(text, checkpoints_of("\n".join(rec.checkpoints)), rec.answer).complete
+
+
+def test_exact_trace_needs_every_checkpoint():
     item, rec = item_record(3, 5)
     native = tb.native_trace(item)
     steps = native.split("###")
-    assert not tb.exact_trace_success("###".join(steps[1:]), rec)  # a skipped step
+    assert not exact("###".join(steps[1:]), rec)  # a skipped step
     wrong_first = re.sub(r"=(\d)$", lambda m: f"={(int(m[1]) + 1) % 10}", steps[0])
-    assert not tb.exact_trace_success("###".join([wrong_first] + steps[1:]), rec)  # answer right, a value wrong
-    assert not tb.exact_trace_success(native.replace(f"{{{rec.answer}}}", "{00}" if rec.answer != "00" else "{11}"),
-                                      rec)
-    assert not tb.exact_trace_success(f"\\boxed{{{rec.answer}}}", rec)
+    assert not exact("###".join([wrong_first] + steps[1:]), rec)  # answer right, a value wrong
+    assert not exact(native.replace(f"{{{rec.answer}}}", "{00}" if rec.answer != "00" else "{11}"), rec)
+    assert not exact(f"\\boxed{{{rec.answer}}}", rec)
 
 
 def test_answer_space_has_no_guessing_shortcut():
@@ -195,7 +199,7 @@ def test_hard_filter_samples_once_and_caches(tmp_path, monkeypatch):
     assert saved["kept_ids"] == [r.id for r in train] and saved["key"]["samples"] == 2
     saved["kept_ids"] = saved["kept_ids"][:2]
     cache.write_text(json.dumps(saved))
-    monkeypatch.setattr(tb, "pass_counts", lambda *a, **k: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(tb.hf, "pass_counts", lambda *a, **k: pytest.fail("the cache was not used"))
     assert [r.id for r in tb.testbed_records(cfg)[0]] == saved["kept_ids"]
     other = dataclasses.replace(cfg, testbed=dataclasses.replace(cfg.testbed, base_checkpoint=str(tmp_path / "x")))
     with pytest.raises(FileNotFoundError, match="hard_filter_k=0"):

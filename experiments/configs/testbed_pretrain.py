@@ -5,9 +5,10 @@ then: python experiments/run.py --config=experiments/configs/testbed_pretrain.py
 Pre-training of the CPU testbed's shared base (assets/testbed_base; its README records the run): SFT of a tiny
 Qwen3-shaped model (0.92M params, character vocabulary) on native traces of mod-10 chain problems.
 Phase "base" (default): short chains, k = 1..4 plus a long_frac share of k = 5..6, in 176-token sequences.
-Phase "teacher": a shorter continuation at a lower lr in which 60% of the items put the reference solution in the
-prompt (the self-distillation teacher's format, SPEC §6) over k = 1..8. Those prompts need 496-token sequences,
-which is why they are not mixed into the ~3x cheaper per-step base phase.
+Phase "teacher": a shorter continuation at a lower lr with the same native mix, in which 10% of the items put the
+reference solution in the prompt (the self-distillation teacher's format, SPEC §6), all at k <= 6, so that the
+teacher can read a reference but has seen no chain longer than the student has. Those prompts need 432-token
+sequences, which is why they are not mixed into the ~3x cheaper per-step base phase.
 """
 from exprl_jax.config import default_config_dict
 
@@ -52,12 +53,13 @@ def get_config(phase: str = "base"):
         c.train.seq_len = 176  # the longest k = 6 item (prompt + native trace + EOS) is 164
     else:
         c.model.init_checkpoint = "/tmp/testbed_pretrain"
-        c.testbed.reference_prompt_frac = 0.6
-        c.testbed.reference_prompt_steps = (1, 2, 3, 4, 5, 6, 7, 8)
+        c.testbed.reference_prompt_frac = 0.1  # at most 10% of the items, in this phase and overall
+        c.testbed.reference_prompt_steps = (1, 2, 3, 4, 5, 6)  # never longer than the native chains
+        c.testbed.long_frac = 0.09  # the native 90% keep the base phase's mix (10% of them at k = 5..6)
         c.optim.learning_rate = 1e-3
         c.optim.warmup_steps = 20
         c.train.steps = 400
         c.optim.decay_steps = 400
         c.train.batch_size = 32
-        c.train.seq_len = 496  # the longest k = 8 reference-conditioned item is 485
+        c.train.seq_len = 432  # the longest k = 6 reference-conditioned item is 421
     return c

@@ -44,9 +44,11 @@ def key_digest(key: dict) -> str:
 
 def pass_counts(hf_dir: str, records: Sequence[QARecord], *, samples: int, temperature: float, template: str,
                 max_new_tokens: int, seed: int, answer_style: str, chunk: int = 64, chat: bool = False,
-                mesh=None) -> list[int]:
+                mesh=None) -> list[int | None]:
     """Per record, how many of `samples` base-model samples (temperature, prompt template) end in a correct final
-    answer; a truncated sample counts as wrong. Chunk c uses the key fold_in(key(seed), c·chunk)."""
+    answer; a truncated sample counts as wrong. None: no sample was right and the checker failed (timeout, worker
+    error) on at least one, so the record has no verdict; a filter must not keep it as unsolved. Chunk c uses the
+    key fold_in(key(seed), c·chunk)."""
     import jax
 
     from exprl_jax.config import RolloutSection
@@ -66,18 +68,21 @@ def pass_counts(hf_dir: str, records: Sequence[QARecord], *, samples: int, tempe
                             template=template, eos=eos_ids(tokenizer), pad=pad_id(tokenizer), mesh=mesh, chat=chat)
         checks = check_answers([extract_answer(x, style=answer_style) for x in r.texts],
                                [x.answer for x in r.row_records()])
-        ok = np.array([c.correct for c in checks]) & ~r.truncated
-        counts += ok.reshape(len(part), samples).sum(axis=1).tolist()
+        ok = (np.array([c.correct for c in checks]) & ~r.truncated).reshape(len(part), samples)
+        failed = np.array([c.checker_failed for c in checks]).reshape(len(part), samples)
+        counts += [None if (n == 0 and f) else n for n, f in zip(ok.sum(axis=1).tolist(), failed.any(axis=1))]
         report_progress("hard filter", start + len(part), len(records), "problems sampled", t0)
     return counts
 
 
-def write_result(path: str, key: dict, records: Sequence[QARecord], counts: Sequence[int]) -> dict:
-    """Writes the result atomically: the key, the kept ids (pass count 0) and every record's pass count."""
+def write_result(path: str, key: dict, records: Sequence[QARecord], counts: Sequence[int | None]) -> dict:
+    """Writes the result atomically: the key, the kept ids (pass count 0), every record's pass count (null: no
+    verdict) and the ids without a verdict, which are not kept."""
     if len(records) != len(counts):
         raise ValueError(f"{len(records)} records but {len(counts)} pass counts")
     result = {"key": key, "num_records": len(records), "kept_ids": [r.id for r, c in zip(records, counts) if c == 0],
-              "pass_counts": {r.id: int(c) for r, c in zip(records, counts)}}
+              "pass_counts": {r.id: None if c is None else int(c) for r, c in zip(records, counts)},
+              "no_verdict_ids": [r.id for r, c in zip(records, counts) if c is None]}
     result["num_kept"] = len(result["kept_ids"])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"

@@ -6,7 +6,7 @@ without them.
 from exprl_jax.judge.backend import ChatBackend, Completion
 from exprl_jax.judge.parse import parse_checkpoints, parse_score, parse_score_with_reason, score_to_reward
 from exprl_jax.judge.reward import JudgeReward, TEMPLATE_SETS, select_template
-from exprl_jax.judge.segment import segment_batch, segment_metrics, segment_response
+from exprl_jax.judge.segment import segment_batch, segment_response
 from exprl_jax.judge.templates import Template, TemplateError, list_templates, load_template
 
 _LAZY = {  # name → module, for modules that pull in heavier dependencies (httpx) or may be absent
@@ -19,7 +19,7 @@ _LAZY = {  # name → module, for modules that pull in heavier dependencies (htt
 __all__ = [
     "ChatBackend", "Completion", "JudgeReward", "TEMPLATE_SETS", "Template", "TemplateError", "list_templates",
     "load_template", "parse_checkpoints", "parse_score", "parse_score_with_reason", "score_to_reward",
-    "segment_batch", "segment_metrics", "segment_response", "select_template", *_LAZY,
+    "segment_batch", "segment_response", "select_template", *_LAZY,
 ]
 
 

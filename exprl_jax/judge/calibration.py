@@ -54,11 +54,19 @@ class CalibrationConfig:
     limit_per_subset: int = 0  # > 0: n rows of each subset (quick checks); 0 = all
     seed: int = 0  # fixes the wrong-reference derangement
     mode: str = "outcome"  # correctness is known per trace, so only Outcome judging is calibrated
+    source: str = "processbench"  # or "testbed": the testbed base's own samples (known correctness by answer)
+    testbed_base: str = "assets/testbed_base"
+    testbed_steps: tuple[int, ...] = (4, 5, 6, 7)  # chain lengths sampled (both classes need to occur)
+    testbed_problems: int = 64  # per chain length
+    testbed_samples: int = 2  # per problem
+    noise_grid: tuple[float, ...] = ()  # programmatic judge: calibrate every judge.noise value listed here
 
     def __post_init__(self):
+        if self.source not in ("processbench", "testbed"):
+            raise ValueError(f"config.source={self.source!r}: expected 'processbench' or 'testbed'")
         if self.mode != "outcome":
             raise ValueError(f"config.mode={self.mode!r}: calibration needs 'outcome' (correctness is per trace)")
-        if not self.subsets or set(self.subsets) - set(SUBSETS):
+        if self.source == "processbench" and (not self.subsets or set(self.subsets) - set(SUBSETS)):
             raise ValueError(f"config.subsets={self.subsets!r}: expected a non-empty subset of {SUBSETS}")
         if self.limit_per_subset < 0:
             raise ValueError(f"config.limit_per_subset={self.limit_per_subset}: expected >= 0")
@@ -248,7 +256,8 @@ def _percent(x: float) -> str:
 
 def format_table(result: Mapping[str, Any]) -> str:
     """A Markdown table like the paper's Table 5: one row per reference condition."""
-    lines = [f"Judge `{result.get('judge_model', '?')}` on {result['items']} ProcessBench traces; \"correct\" means "
+    lines = [f"Judge `{result.get('judge_model', '?')}` on {result['items']} {result.get('source', 'ProcessBench')} "
+             f"traces; \"correct\" means "
              f"reward >= {result['threshold_reward']} (N >= 4). Rates over scored rows only.", "",
              "| condition | n | truly correct / incorrect | FPR | FNR | misplacement | unscored |",
              "|---|---|---|---|---|---|---|"]

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 
 from exprl_jax.judge.backend import Completion
+from exprl_jax.judge.templates import prompt_messages_text
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.sampling import generate
-from exprl_jax.steps import prompt_messages_text
 from exprl_jax.tokenizer import eos_ids, pad_id
 
 log = logging.getLogger(__name__)

@@ -81,18 +81,33 @@ async def run_canaries(judge, records: Sequence[QARecord], threshold: float = 0.
     return metrics
 
 
-def judge_verifier_agreement(judge_rewards, sparse_correct, valid) -> dict[str, float]:
+def judge_verifier_agreement(judge_rewards, sparse_correct, valid, group_size: int = 0) -> dict[str, float]:
     """How the judge's verdict (reward >= 0.75, SPEC §7) agrees with the sparse answer check (SPEC §4) on the same
     rollouts. fpr: judge correct | verifier incorrect; fnr: judge incorrect | verifier correct. Unscored rows
-    (valid False or a non-finite reward) are left out; NaN where a class is empty."""
+    (valid False, a non-finite reward, or a NaN check: the checker gave no verdict) are left out; NaN where a class
+    is empty. With `group_size`, also the share of groups (consecutive rows) whose judge rewards / answer checks
+    are not all equal: the groups that carry any GRPO signal under each reward, on the same rollouts."""
     judge_rewards = np.asarray(judge_rewards, dtype=np.float64)
-    sparse_correct = np.asarray(sparse_correct, dtype=bool)
-    scored = np.asarray(valid, dtype=bool) & np.isfinite(judge_rewards)
-    if not judge_rewards.shape == sparse_correct.shape == scored.shape:
+    checks = np.asarray(sparse_correct, dtype=np.float64)
+    scored = np.asarray(valid, dtype=bool) & np.isfinite(judge_rewards) & np.isfinite(checks)
+    if not judge_rewards.shape == checks.shape == scored.shape:
         raise ValueError(f"shapes differ: judge_rewards {judge_rewards.shape}, sparse_correct "
-                         f"{sparse_correct.shape}, valid {scored.shape}")
+                         f"{checks.shape}, valid {scored.shape}")
     judge_correct = np.nan_to_num(judge_rewards, nan=0.0) >= CORRECT_REWARD
-    r = rates(judge_correct, sparse_correct, scored)
-    agreement = float((judge_correct == sparse_correct)[scored].mean()) if r["n"] else math.nan
-    return {"judge_vs_verifier/fpr": r["fpr"], "judge_vs_verifier/fnr": r["fnr"],
-            "judge_vs_verifier/agreement": agreement, "judge_vs_verifier/n": float(r["n"])}
+    truly_correct = np.nan_to_num(checks, nan=0.0) > 0.5
+    r = rates(judge_correct, truly_correct, scored)
+    agreement = float((judge_correct == truly_correct)[scored].mean()) if r["n"] else math.nan
+    out = {"judge_vs_verifier/fpr": r["fpr"], "judge_vs_verifier/fnr": r["fnr"],
+           "judge_vs_verifier/agreement": agreement, "judge_vs_verifier/n": float(r["n"])}
+    if group_size:
+        out.update({"signal/judge_groups": signal_share(judge_rewards, scored, group_size),
+                    "signal/sparse_groups": signal_share(checks, scored, group_size)})
+    return out
+
+
+def signal_share(values, scored, group_size: int) -> float:
+    """Share of groups whose scored values are not all equal (a group with < 2 scored rows has no signal)."""
+    values_BG = np.asarray(values, dtype=np.float64).reshape(-1, group_size)
+    scored_BG = np.asarray(scored, dtype=bool).reshape(-1, group_size)
+    has = [len(set(v[s].tolist())) > 1 for v, s in zip(values_BG, scored_BG)]
+    return float(np.mean(has)) if has else math.nan

@@ -134,10 +134,3 @@ def segment_batch(token_ids_NT: Sequence[Sequence[int]] | np.ndarray, lengths_N:
     return [segment_response(list(row[:int(length)]), decode, delimiter, variant=variant)
             for row, length in zip(token_ids_NT, lengths_N)]
 
-
-def segment_metrics(segments_N: Sequence[Sequence[Span]]) -> dict[str, float]:
-    """Segments per response and the share of single-segment responses (SPEC §4: watch for delimiter collapse)."""
-    counts = np.array([len(spans) for spans in segments_N], dtype=np.float64)
-    if counts.size == 0:
-        return {}
-    return {"segments/mean": float(counts.mean()), "segments/single_frac": float((counts == 1).mean())}

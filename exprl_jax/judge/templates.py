@@ -244,3 +244,10 @@ def load_template(template_id: str, version: int | None = None,
         wanted = template_id if version is None else f"{template_id}.v{version}"
         raise TemplateError(f"no template {wanted} in {directory}")
     return found[-1]
+
+
+def prompt_messages_text(tokenizer, messages: list[dict]) -> str:
+    """A policy-side prompt from chat messages: the tokenizer's chat template when it has one, else the contents."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages) + "\n"

@@ -69,12 +69,13 @@ def _after_hashes(text: str) -> str | None:
     return _THOUSANDS_RE.sub("", text[k + 4 :].split("\n", 1)[0].strip())
 
 
-def extract_answer(text: str, *, style: str = "boxed") -> str | None:
+def extract_answer(text: str, *, style: str = "auto") -> str | None:
     """The final answer in `text`, or None when there is none (or its braces are unbalanced).
 
-    style "boxed": content of the LAST `\\boxed{...}` / `\\fbox{...}` (nested braces kept; `\\boxed 5` gives
-    "5"); "gsm8k": rest of the line after the last `####`, stripped, thousands commas removed; "auto": boxed
-    when a box marker is present, else gsm8k.
+    style "auto" (the default): boxed when a box marker is present, else gsm8k, so both a `\\boxed{}` and a
+    GSM8K `####` answer are found; "boxed": content of the LAST `\\boxed{...}` / `\\fbox{...}` (nested braces
+    kept; `\\boxed 5` gives "5"); "gsm8k": rest of the line after the last `####`, stripped, thousands commas
+    removed.
     """
     if style == "boxed":
         return _last_boxed(text)

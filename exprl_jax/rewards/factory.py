@@ -1,20 +1,27 @@
 """Builds the reward function a config asks for: the sparse answer check, or a judge (Outcome / Process)
-behind the configured backend, with its cache under the workdir, its template chosen by each record's domain, and
-checked at startup to fit the training records (judge/fit.py)."""
+behind the configured backend (cache under the workdir, template chosen by each record's domain, checked at startup
+to fit the training records: judge/fit.py); the exact per-step positive control; and the wrong-reference control
+(every rollout judged against another training problem's reference)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from exprl_jax.methods import METHOD_SPECS
+from exprl_jax.rewards.base import RewardBatch, RewardResult
+
+REFERENCES = ("own", "other")
 
 
-def make_judge_backend(judge_cfg, records=()):
+def make_judge_backend(judge_cfg, records=(), noise_seed: int = 0):
     if judge_cfg.backend == "programmatic":
         from exprl_jax.judge.programmatic import ProgrammaticBackend, checkpoints_of
 
         # records that carry their checkpoints are graded on them; others on the `name=value` lines of the reference
         table = {r.reference: checkpoints_of("\n".join(r.checkpoints)) for r in records if r.checkpoints}
-        return ProgrammaticBackend(table)
+        return ProgrammaticBackend(table, noise=judge_cfg.noise, noise_seed=noise_seed)
+    if judge_cfg.noise:
+        raise ValueError(f"config.judge.noise={judge_cfg.noise} needs judge.backend='programmatic'")
     if judge_cfg.backend == "openai":
         from exprl_jax.judge.client import JudgeClientConfig, OpenAIChatClient
 
@@ -30,36 +37,70 @@ def make_judge_backend(judge_cfg, records=()):
         from exprl_jax.judge.local import LocalBackend
 
         return LocalBackend.from_hf(judge_cfg.model, max_tokens=judge_cfg.max_tokens)
-    raise ValueError(f"config.judge.backend={judge_cfg.backend!r}; expected 'openai', 'local' or 'programmatic'")
+    raise ValueError(f"config.judge.backend={judge_cfg.backend!r}; expected 'openai', 'local', 'programmatic' "
+                     "or (exprl_process only) 'exact_step'")
+
+
+class OtherReference:
+    """Wraps a judge reward so that each training problem is judged against another one's reference (a fixed
+    derangement, seeded): the wrong-reference condition of SPEC §7 as a training control for drift without
+    information. References it does not know (held-out canaries) pass through unchanged."""
+
+    def __init__(self, inner, records, seed: int):
+        from exprl_jax.judge.calibration import wrong_reference_indices
+
+        records = list(records)
+        perm = wrong_reference_indices([r.problem for r in records], seed)
+        self.inner, self.kind = inner, inner.kind
+        self.swap = {r.reference: records[j].reference for r, j in zip(records, perm)}
+
+    async def score(self, batch: RewardBatch) -> RewardResult:
+        references = [self.swap.get(x, x) for x in batch.references]
+        result = await self.inner.score(dataclasses.replace(batch, references=references))
+        swapped = [a != b for a, b in zip(references, batch.references)]
+        result.metrics["judge/other_reference_frac"] = float(sum(swapped) / len(swapped)) if swapped else 0.0
+        return result
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def make_reward_fn(cfg, workdir: str, records=()):
     kind = METHOD_SPECS[cfg.method].reward
+    j = cfg.judge
+    if j.reference not in REFERENCES:
+        raise ValueError(f"config.judge.reference={j.reference!r}; expected one of {REFERENCES}")
     if kind == "sparse":
         from exprl_jax.rewards.sparse import SparseReward
 
         return SparseReward(style=cfg.data.answer_style)
-    if kind in ("judge_outcome", "judge_process"):
+    if j.backend == "exact_step":
+        if kind != "judge_process":
+            raise ValueError(f"config.judge.backend='exact_step' is a per-step reward: it needs method "
+                             f"exprl_process, got {cfg.method!r}")
+        from exprl_jax.rewards.exact_step import ExactStepReward
+
+        reward = ExactStepReward(records)
+    elif kind in ("judge_outcome", "judge_process"):
         from exprl_jax.judge import JudgeCache, JudgeStats
+        from exprl_jax.judge.fit import check_judge_fits
         from exprl_jax.judge.reward import JudgeReward
 
-        from exprl_jax.judge.fit import check_judge_fits
-
-        j = cfg.judge
         rubrics = None
         if j.rubric_path:
             from exprl_jax.judge.rubric import load_rubrics
 
             rubrics = load_rubrics(j.rubric_path)
-        judge = JudgeReward(
-            make_judge_backend(j, records), mode="outcome" if kind == "judge_outcome" else "process",
-            process_context=cfg.process.context,
+        reward = JudgeReward(
+            make_judge_backend(j, records, noise_seed=cfg.seed),
+            mode="outcome" if kind == "judge_outcome" else "process", process_context=cfg.process.context,
             cache=JudgeCache(os.path.join(workdir, "judge_cache")) if j.cache else None, stats=JudgeStats(),
             rubrics=rubrics, use_reference=j.use_reference, judge_overlong=cfg.process.variant == "authors",
             domain_templates=domain_template_sets(j.domain_templates))
-        check_judge_fits(judge, j.backend, records, describe_data(cfg.data))
-        return judge
-    raise ValueError(f"method {cfg.method!r} has no reward function")
+        check_judge_fits(reward, j.backend, records, describe_data(cfg.data))
+    else:
+        raise ValueError(f"method {cfg.method!r} has no reward function")
+    return OtherReference(reward, records, cfg.seed) if j.reference == "other" else reward
 
 
 def domain_template_sets(entries) -> dict[str, str]:

@@ -31,6 +31,27 @@ def no_correct_frac(correct_N, group_size: int) -> float:
     return float(np.mean(~any_correct_B[has_scored_B]))
 
 
+def answer_verdicts(responses, answers, truncated, *, style: str = "boxed", timeout_s: float = 5.0,
+                    max_workers: int = 2) -> tuple[np.ndarray, list[str | None]]:
+    """The final-answer check of SPEC §4, once per rollout: [N] float, 1 right, 0 wrong (a truncated rollout is 0
+    without a check, SPEC §4 "Overlong"), NaN where the checker itself failed (timeout, dead worker, unreadable
+    gold): no verdict, to be excluded and counted, never read as wrong. Also the reasons ([N], None when judged)."""
+    truncated = np.asarray(truncated, dtype=bool)
+    n = len(responses)
+    if truncated.shape != (n,) or len(answers) != n:
+        raise ValueError(f"{n} responses, {len(answers)} answers, truncated of shape {truncated.shape}")
+    todo = [i for i in range(n) if not truncated[i]]
+    checks = check_answers([extract_answer(responses[i], style=style) for i in todo], [answers[i] for i in todo],
+                           timeout_s=timeout_s, max_workers=max_workers)
+    verdicts, reasons = np.zeros(n, dtype=np.float64), [None] * n
+    for i, check in zip(todo, checks):
+        if check.checker_failed:
+            verdicts[i], reasons[i] = np.nan, check.reason
+        else:
+            verdicts[i] = float(check.correct)
+    return verdicts, reasons
+
+
 class SparseReward:
     """Binary answer-equivalence reward, one score per rollout (kind "outcome").
 
@@ -50,24 +71,11 @@ class SparseReward:
 
     async def score(self, batch: RewardBatch) -> RewardResult:
         n = len(batch.responses)
-        truncated = np.asarray(batch.truncated, dtype=bool)
         preds = [extract_answer(r, style=self.style) for r in batch.responses]
-        todo = [i for i in range(n) if not truncated[i]]
-        checks = await asyncio.to_thread(
-            check_answers,
-            [preds[i] for i in todo],
-            [batch.answers[i] for i in todo],
-            timeout_s=self.timeout_s,
-            max_workers=self.max_workers,
-        )
-        valid = np.ones(n, dtype=bool)
-        scores = np.zeros(n, dtype=np.float64)  # truncated rows keep 0.0
-        reasons: list[str | None] = [None] * n
-        for i, check in zip(todo, checks):
-            if check.checker_failed:
-                valid[i], scores[i], reasons[i] = False, np.nan, check.reason
-            else:
-                scores[i] = float(check.correct)
+        scores, reasons = await asyncio.to_thread(
+            answer_verdicts, batch.responses, batch.answers, batch.truncated, style=self.style,
+            timeout_s=self.timeout_s, max_workers=self.max_workers)
+        valid = ~np.isnan(scores)
         timeouts = sum(r == "timeout" for r in reasons)
         metrics = {
             "reward/sparse_acc": float(np.mean(scores[valid])) if valid.any() else float("nan"),

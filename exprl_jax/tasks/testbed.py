@@ -11,15 +11,13 @@ matched by luck in ~1-2% of samples at k >= 8: a ~20% pass@16 floor on problems 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import string
 
 import numpy as np
 
 from exprl_jax.data import QARecord
-from exprl_jax.data.hard_filter import pass_counts
+from exprl_jax.data import hard_filter as hf
 
 LETTERS = string.ascii_lowercase
 MAX_DISTRACTORS = 2
@@ -27,7 +25,7 @@ QUERY_LEN = 3  # the answer is the values of this many last variables
 VAR_OPERAND_P = 0.5  # share of steps whose second operand is an earlier variable rather than a digit
 SWAP_P = 0.3  # share of steps written with the previous variable on the right ("d=5-c")
 # fixed data seeds: every training seed sees the same problems, and the eval sets never change
-SEEDS = {"pretrain": 11, "pool": 22, "easy": 33, "same": 44, "harder": 55}
+SEEDS = {"pretrain": 11, "pool": 22, "easy": 33, "same": 44, "harder": 55, "ladder": 66}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -138,21 +136,6 @@ def max_new_tokens(ks, margin: int = 32) -> int:
     return -(-(14 * max(ks) + 11 + margin) // 16) * 16
 
 
-def exact_trace_success(text: str, record: QARecord) -> bool:
-    """The final answer and every checkpoint right: each checkpoint's name is written, only ever with its value."""
-    from exprl_jax.judge.programmatic import statements
-    from exprl_jax.rewards.answers import extract_answer
-
-    if extract_answer(text, style="boxed") != record.answer:
-        return False
-    written = statements(text)
-    for cp in record.checkpoints or ():
-        name, value = cp.split("=", 1)
-        if not written.get(name) or any(v != value for v in written[name]):
-            return False
-    return True
-
-
 # ---------------------------------------------------------------- record views
 
 
@@ -172,10 +155,17 @@ def eval_records(split: str, ks, n: int) -> list[QARecord]:
 
 
 def testbed_eval_sets(cfg) -> dict[str, list[QARecord]]:
-    """Held-out sets: "easy" (pre-training difficulty), "same" (Stage-I difficulty), "harder"."""
+    """Held-out sets: "easy" (pre-training difficulty), "same" (Stage-I difficulty), "harder", and the difficulty
+    ladder: one set of `ladder_problems` chains per k in `ladder_steps`, named "k<k>" (`ladder_sets`)."""
     t, n = cfg.testbed, cfg.data.num_eval
     return {"easy": eval_records("easy", t.pretrain_steps, n), "same": eval_records("same", t.stage1_steps, n),
-            "harder": eval_records("harder", t.harder_steps, n)}
+            "harder": eval_records("harder", t.harder_steps, n), **ladder_sets(cfg)}
+
+
+def ladder_sets(cfg) -> dict[str, list[QARecord]]:
+    """The evaluation ladder (rungs easiest first): held-out chains of each length in `testbed.ladder_steps`."""
+    t = cfg.testbed
+    return {f"k{k}": eval_records("ladder", [k], t.ladder_problems) for k in t.ladder_steps}
 
 
 def pretrain_records(cfg, held_out: set[str]) -> list[QARecord]:
@@ -224,40 +214,29 @@ def resolve_base(path: str) -> tuple[str, str]:
     return base, hf if os.path.isfile(os.path.join(hf, "config.json")) else base
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+FILTER_VERSION = 2  # part of the filter's cache key: bump when the sampler's random streams or the counting change
 
 
 def hard_filter(cfg, pool: list[QARecord], chunk: int = 64) -> list[QARecord]:
-    """Keeps the problems the base fails in all `hard_filter_k` samples. The kept ids are cached in a JSON file
-    next to the base checkpoint, keyed by the pool, the sampling parameters and the weights' sha256."""
+    """Keeps the problems the base fails in all `hard_filter_k` samples (a problem without a verdict, where the
+    answer checker failed, is not kept). The result is cached in a JSON file next to the base checkpoint, keyed by
+    the pool, the sampling parameters and the weights' sha256."""
     t = cfg.testbed
     base_dir, hf_dir = resolve_base(t.base_checkpoint)
-    weights = os.path.join(hf_dir, "model.safetensors")
-    if not os.path.isfile(weights):
+    if not os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
         raise FileNotFoundError(f"config.testbed.base_checkpoint={t.base_checkpoint!r}: no model.safetensors in "
                                 f"{hf_dir}; set testbed.hard_filter_k=0 to skip the base-model filter")
-    key = {"pool": hashlib.sha256("\n".join(r.id + "|" + r.problem for r in pool).encode()).hexdigest(),
-           "samples": t.hard_filter_k, "temperature": cfg.eval.temperature, "template": cfg.data.prompt_template,
+    key = {"version": FILTER_VERSION, "pool": hf.pool_sha256(pool), "samples": t.hard_filter_k,
+           "temperature": cfg.eval.temperature, "template": cfg.data.prompt_template,
            "max_new_tokens": max_new_tokens(t.stage1_steps), "seed": SEEDS["pool"],
-           "weights_sha256": _file_sha256(weights)}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(base_dir, f"stage1_filter_{digest}.json")
+           "weights_sha256": hf.weights_sha256(hf_dir)}
+    cache_dir = resolve_base(t.filter_cache_dir)[0] if t.filter_cache_dir else base_dir
+    path = os.path.join(cache_dir, f"stage1_filter_{hf.key_digest(key)}.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            kept = set(json.load(f)["kept_ids"])
-        return [r for r in pool if r.id in kept]
-    counts = pass_counts(hf_dir, pool, samples=key["samples"], temperature=key["temperature"], template=key["template"],
-                         max_new_tokens=key["max_new_tokens"], seed=key["seed"], answer_style=cfg.data.answer_style,
-                         chunk=chunk)
-    kept = [r.id for r, c in zip(pool, counts) if c == 0]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"key": key, "kept_ids": kept, "correct_counts": dict(zip((r.id for r in pool), counts))}, f)
-    os.replace(tmp, path)
-    return [r for r in pool if r.id in set(kept)]
+        return hf.apply_filter(pool, path)
+    counts = hf.pass_counts(hf_dir, pool, samples=key["samples"], temperature=key["temperature"],
+                            template=key["template"], max_new_tokens=key["max_new_tokens"], seed=key["seed"],
+                            answer_style=cfg.data.answer_style, chunk=chunk)
+    hf.write_result(path, key, pool, counts)
+    return hf.apply_filter(pool, path)
 
