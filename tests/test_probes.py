@@ -23,14 +23,17 @@ def test_pool_rule_takes_the_shortest_k_in_the_band_whose_filtered_pool_is_almos
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(os.path.join(BASE, "model.safetensors")), reason="no shipped base")
 def test_prefix_level_predicts_the_base_finishing_correctly():
+    """On k = 6 chains (one rung below the pool: a small sample still has level-3 prefixes, which are ~1% of them at
+    the pool's k = 7), and in the full measurement at the pool that the base's README reports (probes.json)."""
     import json
 
     with open(os.path.join(BASE, "probes.json")) as f:
-        pool_k = json.load(f)["pool_k"]
-    validity = probes.prefix_validity(probes.Base.load(BASE), pool_k, problems=16, samples=2, continuations=4,
+        shipped = {int(level): v for level, v in json.load(f)["validity"].items()}
+    validity = probes.prefix_validity(probes.Base.load(BASE), 6, problems=16, samples=2, continuations=4,
                                       key=jax.random.key(7))
-    levels = sorted(validity)
-    assert levels[0] == 1 and len(levels) >= 2, validity
-    finish = [validity[level]["finish"] for level in levels]
-    assert finish[0] <= 0.05 and finish[-1] > finish[0] + 0.05, validity  # a wrong or short prefix rarely finishes
-    assert all(b >= a - 0.02 for a, b in zip(finish, finish[1:])), validity  # and the chance rises with the level
+    for measured in (validity, shipped):
+        levels = sorted(measured)
+        assert levels[0] == 1 and len(levels) >= 3, measured
+        finish = [measured[level]["finish"] for level in levels]
+        assert finish[0] <= 0.05 and finish[-1] > finish[0] + 0.2, measured  # a wrong or short prefix rarely finishes
+        assert all(b >= a - 0.02 for a, b in zip(finish, finish[1:])), measured  # and the chance rises with the level
