@@ -30,7 +30,7 @@ from absl import app, flags, logging  # noqa: E402
 import replication_report as rr  # noqa: E402
 from exprl_jax.config import load_config  # noqa: E402
 from exprl_jax.build import enable_compilation_cache, load_records  # noqa: E402
-from exprl_jax.pipeline import _load, cached_evaluation, evaluation_sets, run_pipeline  # noqa: E402
+from exprl_jax.pipeline import base_evaluation, evaluation_sets, run_pipeline  # noqa: E402
 from exprl_jax.report import format_mde, minimum_detectable_effects_of  # noqa: E402
 
 CORE = ("base", "exact_step", "exprl_outcome", "wrong_reference", "grpo", "exprl_process", "self_distill", "sft")
@@ -95,13 +95,7 @@ def arm_config(name: str, seed: int, quick: bool = False):
 
 def minimum_detectable_effects(cfg, seeds) -> dict:
     """MDEs of the paired comparisons over `seeds`, from the base's (cached) evaluation of the first seed."""
-    sets = evaluation_sets(cfg)
-    model = _load(cfg, None)
-    base = {"ladder": cached_evaluation(cfg, *model, sets, num_samples=cfg.eval.num_samples)}
-    if cfg.eval.final_num_samples:
-        hardest = list(sets)[-1]
-        base["final"] = cached_evaluation(cfg, *model, {hardest: sets[hardest]},
-                                          num_samples=cfg.eval.final_num_samples, salt=1000)
+    base = base_evaluation(cfg, evaluation_sets(cfg))
     return minimum_detectable_effects_of(base, cfg, len(seeds))
 
 

@@ -21,6 +21,7 @@ from exprl_jax.experiment import Experiment
 from exprl_jax.report import (format_mde, format_table, minimum_detectable_effects_of, plot_pass_at_k,  # noqa: F401
                                plot_pass_at_k_curves)
 
+FINAL_SALT = 1000  # the final pass draws other random streams than the ladder pass on the same rung
 EVAL_VERSION = 3  # in the base-evaluation cache key: bump when the counting or the sampler's random streams change
 MAX_EVAL_ROWS = 1024  # sampled rows per generate call (KV-cache memory)
 
@@ -149,24 +150,28 @@ def _stage_eval(path: str, compute) -> dict:
     return result
 
 
+def ladder_and_final(cfg: ExperimentConfig, model: tuple, sets: dict, evaluate=evaluate_sets) -> dict:
+    """{"ladder": every rung at eval.num_samples, "final": the hardest rung at eval.final_num_samples (if set)}.
+    `model` is (model_cfg, params, tokenizer); `evaluate` is evaluate_sets or cached_evaluation."""
+    out = {"ladder": evaluate(cfg, *model, sets, num_samples=cfg.eval.num_samples)}
+    if cfg.eval.final_num_samples:
+        hardest = dict([list(sets.items())[-1]])
+        out["final"] = evaluate(cfg, *model, hardest, num_samples=cfg.eval.final_num_samples, salt=FINAL_SALT)
+    return out
+
+
+def base_evaluation(cfg: ExperimentConfig, sets: dict) -> dict:
+    """The base model's ladder and final evaluation, cached by its weights' hash."""
+    return ladder_and_final(cfg, _load(cfg, None), sets, cached_evaluation)
+
+
 def run_pipeline(cfg: ExperimentConfig, workdir: str, *, on_base_eval=None) -> dict:
     """Base evaluation, Stage I (cfg.method; skipped when cfg.train.steps == 0), its evaluation, Stage II (if
     cfg.stage2.steps > 0) and its evaluation. `on_base_eval(reports)` runs after the base evaluation, before any
     training (the default run prints its minimum detectable effect there)."""
     distributed.from_primary(lambda: storage.as_path(workdir).mkdir(parents=True, exist_ok=True))
     sets = evaluation_sets(cfg)
-    hardest = dict([list(sets.items())[-1]])
-    ev = cfg.eval
-    final_n = ev.final_num_samples
-
-    def base_eval():
-        model = _load(cfg, None)
-        out = {"ladder": cached_evaluation(cfg, *model, sets, num_samples=ev.num_samples)}
-        if final_n:
-            out["final"] = cached_evaluation(cfg, *model, hardest, num_samples=final_n, salt=1000)
-        return out
-
-    base = _stage_eval(os.path.join(workdir, "eval_base.json"), base_eval)
+    base = _stage_eval(os.path.join(workdir, "eval_base.json"), lambda: base_evaluation(cfg, sets))
     if cfg.data.source == "testbed" and distributed.is_primary():
         print(format_mde(minimum_detectable_effects_of(base, cfg, seeds=1)), flush=True)  # before any training
     if on_base_eval is not None:
@@ -182,14 +187,8 @@ def run_pipeline(cfg: ExperimentConfig, workdir: str, *, on_base_eval=None) -> d
         stage2_dir = os.path.join(workdir, "stage2")
         summary["stage2_results"] = Experiment(stage2_config(cfg, stage1_dir), stage2_dir).run()
 
-        def stage2_eval():
-            model = _load(cfg, stage2_dir)
-            out = {"ladder": evaluate_sets(cfg, *model, sets, num_samples=ev.num_samples)}
-            if final_n:
-                out["final"] = evaluate_sets(cfg, *model, hardest, num_samples=final_n, salt=1000)
-            return out
-
-        s2 = _stage_eval(os.path.join(workdir, "eval_stage2.json"), stage2_eval)
+        s2 = _stage_eval(os.path.join(workdir, "eval_stage2.json"), lambda: ladder_and_final(
+            cfg, _load(cfg, stage2_dir), sets, evaluate_sets))
         summary.update(stage2=s2["ladder"], stage2_final=s2.get("final"))
     table = format_table(summary, cfg, workdir)
 
