@@ -278,13 +278,18 @@ def plan(cfg, topology: str, *, prompt_tokens: int = 0, teacher_prompt_tokens: i
     from exprl_jax import config as config_lib
 
     cfg = config_lib.resolve(cfg)
-    # a deviceless TPU executable cannot be read back from the persistent cache, so none is written
+    from jax.experimental.compilation_cache import compilation_cache
+
+    # a deviceless TPU executable cannot be read back from the persistent cache, so none is written or read; JAX
+    # decides whether to use the cache once per process, so the decision is reset on the way in and out
     cache_was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     try:
         return _plan(cfg, topology, prompt_tokens, teacher_prompt_tokens, search_slots)
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was)
+        compilation_cache.reset_cache()
 
 
 def _plan(cfg, topology, prompt_tokens, teacher_prompt_tokens, search_slots):
