@@ -11,7 +11,8 @@ Arms (experiments/configs/default.py is the ExpRL-Outcome arm; the others change
   sft (batch 32, 2 epochs, SPEC §6); sensitivity rows: noisy_judge (calibrated judge noise) ·
   self_distill_lr1x · strong_teacher (self-distillation from the earlier base, assets/testbed_base_strong_teacher).
 Seed-major and resumable: re-running the command continues where it stopped; the report is rewritten after every
-finished seed. The minimum detectable effects are computed from the base's evaluation and printed before any arm.
+finished run (marked "not yet" until all have finished); `--report_only` rewrites it from the finished runs. The
+minimum detectable effects are computed from the base's evaluation and printed before any arm.
 """
 import dataclasses
 import json
@@ -46,6 +47,8 @@ _CONFIG = flags.DEFINE_string("config", os.path.join(ROOT, "experiments", "confi
                               "The base config (the ExpRL-Outcome arm, Stage II included).")
 _QUICK = flags.DEFINE_bool("quick", False, "A few steps per stage (CI-sized).")
 _RESULTS = flags.DEFINE_string("results", "", "Where to write the Markdown report (default <workdir>/RESULTS.md).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rewrite the report from the runs finished in --workdir; "
+                                 "train nothing.")
 
 
 def _quick(overrides: dict) -> dict:
@@ -110,16 +113,22 @@ def _machine() -> str:
 
 
 def write_report(results: dict, path: str, command: str, wall_s: float, seeds, mde_text: str, pool_rung: str,
-                 final_n: int) -> str:
+                 final_n: int, planned: int = 0) -> str:
+    """`planned`: the number of (arm, seed) runs of the whole replication; while fewer have finished, the verdict
+    is marked as not final."""
     old = open(path).read() if os.path.exists(path) else ""
     rep = rr.Replication(results, pool_rung, final_n)
     verdict, reasons = rep.verdict()
+    finished = sum(len(per_seed) for per_seed in results.values())
+    headline = f"**{verdict}**" if finished >= planned else (
+        f"**not yet: {finished} of {planned} runs have finished.** The rule applied to them alone gives: "
+        f"{verdict}.")
     pre = old[old.index(rr.PRE_START):old.index(rr.PRE_END) + len(rr.PRE_END)] if rr.PRE_START in old else (
         "(no pre-registered section was found in this file before the run)")
     lines = ["# RESULTS: the ExpRL comparison in miniature (CPU testbed)", "", f"Command: `{command}`  ",
              f"Wall time: {wall_s / 60:.1f} min (sum over the arm runs); machine: {_machine()}; seeds: "
              f"{', '.join(map(str, seeds))}.", "", pre, "", "## Before any arm ran", "", mde_text, "",
-             "## The verdict the pre-registered rule gives", "", f"**{verdict}**", ""]
+             "## The verdict the pre-registered rule gives", "", headline, ""]
     lines += [f"- {r}" for r in reasons]
     lines += ["", "## After Stage I (mean ± std over seeds; M = held-out late-step accuracy)", ""]
     lines += rr.ladder_rows(rep, "stage1")
@@ -158,24 +167,40 @@ def main(argv):
     wall_path = os.path.join(_WORKDIR.value, "wall_seconds.json")
     walls = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
     results: dict = {arm: {} for arm in _ARMS.value}
+    planned = len(seeds) * len(_ARMS.value)
+
+    def report_now(upto_seed) -> str:
+        done = {arm: per_seed for arm, per_seed in results.items() if per_seed}
+        wall = sum(walls.get(f"{arm}/seed{s}", 0.0) for arm, per_seed in done.items() for s in per_seed)
+        return write_report(done, report, command, wall, seeds[: seeds.index(upto_seed) + 1], mde_text, pool_rung,
+                            final_n, planned)
+
     for seed in seeds:  # seed-major: an interrupted replication still has complete seeds
         for arm in _ARMS.value:
             cfg = arm_config(arm, seed, _QUICK.value)
             workdir = os.path.join(_WORKDIR.value, arm, f"seed{seed}")
-            print(f"== {arm} seed {seed}: {workdir}", flush=True)
-            done_before, t0 = os.path.exists(os.path.join(workdir, "summary.json")), time.time()
-            run_pipeline(cfg, workdir)
-            if not done_before:
-                walls[f"{arm}/seed{seed}"] = time.time() - t0
-                with open(wall_path, "w") as f:
-                    json.dump(walls, f, indent=1)
-            with open(os.path.join(workdir, "summary.json")) as f:
+            summary_path = os.path.join(workdir, "summary.json")
+            if _REPORT_ONLY.value and not os.path.exists(summary_path):
+                continue
+            if not _REPORT_ONLY.value:
+                print(f"== {arm} seed {seed}: {workdir}", flush=True)
+                done_before, t0 = os.path.exists(summary_path), time.time()
+                run_pipeline(cfg, workdir)
+                if not done_before:
+                    walls[f"{arm}/seed{seed}"] = time.time() - t0
+                    with open(wall_path, "w") as f:
+                        json.dump(walls, f, indent=1)
+            with open(summary_path) as f:
                 results[arm][seed] = {"summary": json.load(f), "workdir": workdir, "config": dataclasses.asdict(cfg)}
-        done = {arm: per_seed for arm, per_seed in results.items() if per_seed}
-        wall = sum(walls.get(f"{arm}/seed{s}", 0.0) for arm, per_seed in done.items() for s in per_seed)
-        verdict = write_report(done, report, command, wall, seeds[: seeds.index(seed) + 1], mde_text, pool_rung,
-                               final_n)
-        print(f"seed {seed} done; verdict so far: {verdict}; report: {report}", flush=True)
+            if not _REPORT_ONLY.value:
+                report_now(seed)  # after every run: a long replication can be read while it runs
+        if not _REPORT_ONLY.value:
+            print(f"seed {seed} done; verdict so far: {report_now(seed)}; report: {report}", flush=True)
+    if _REPORT_ONLY.value:
+        finished = [s for s in seeds if any(s in per_seed for per_seed in results.values())]
+        if not finished:
+            raise app.UsageError(f"no finished run in {_WORKDIR.value}")
+        report_now(finished[-1])
     with open(report) as f:
         print(f.read())
 

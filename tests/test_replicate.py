@@ -42,6 +42,16 @@ def test_quick_replication_runs_every_arm(tmp_path):
         assert (tmp_path / arm / "seed0" / "summary.json").exists()
     for stage in ("stage1", "stage2"):
         assert (tmp_path / "results" / f"pass_at_k_{stage}.png").stat().st_size > 1000
+    n = len(FAST_ARMS.split(","))
+    assert "not yet" not in text  # every planned run finished: the verdict is final
+    # a second seed is planned but not run: --report_only rewrites the report from the finished runs, marked
+    proc = subprocess.run([sys.executable, "experiments/replicate.py", f"--workdir={tmp_path}", "--seeds=0,1",
+                           "--quick", f"--results={report}", f"--arms={FAST_ARMS}", "--report_only"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    partial = report.read_text()
+    assert f"**not yet: {n} of {2 * n} runs have finished.**" in partial and not (tmp_path / "base" / "seed1").exists()
+    assert f"{rr.PRE_START}\nThe rule.\n{rr.PRE_END}" in partial and partial.endswith(f"{rr.HAND_WRITTEN}\nReading.\n")
 
 
 def _report(reach, correct, samples=4):
