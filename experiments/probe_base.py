@@ -67,15 +67,13 @@ def main(argv):
     for k in probes.pool_candidates(late):
         if reuse and str(k) in previous.get("pool_stats", {}):
             pool_stats[k], pool_late[k] = previous["pool_stats"][str(k)], previous["pool_late"][str(k)]
-            if pool_stats[k]["pass@1"] <= probes.MAX_POOL_ACCURACY:
-                break
-            continue
-        pairs = probes.filtered_pool(_CONFIG.value, k)
-        pool_stats[k] = {**probes.sample_accuracy(base, k, p, n, jax.random.fold_in(key, 500 + k), pairs=pairs),
-                         "kept": len(pairs)}
-        pool_late[k] = probes.late_step_accuracy(base, k, _LATE.value, 16, jax.random.fold_in(key, 600 + k),
-                                                 pairs=pairs)
-        print(f"filtered pool k={k}: {pool_stats[k]} late {pool_late[k]} ({time.time() - t0:.0f}s)", flush=True)
+        else:
+            pairs = probes.filtered_pool(_CONFIG.value, k)
+            pool_stats[k] = {**probes.sample_accuracy(base, k, p, n, jax.random.fold_in(key, 500 + k), pairs=pairs),
+                             "kept": len(pairs)}
+            pool_late[k] = probes.late_step_accuracy(base, k, _LATE.value, 16, jax.random.fold_in(key, 600 + k),
+                                                     pairs=pairs)
+            print(f"filtered pool k={k}: {pool_stats[k]} late {pool_late[k]} ({time.time() - t0:.0f}s)", flush=True)
         if pool_stats[k]["pass@1"] <= probes.MAX_POOL_ACCURACY:
             break
     pool = _POOL.value or probes.choose_pool(late, {k: v["pass@1"] for k, v in pool_stats.items()})
