@@ -54,8 +54,10 @@ def test_rows_do_not_depend_on_the_number_of_slots(params, prompts, all_at_once,
 def test_rows_do_not_depend_on_the_schedule_bitwise(params, prompts):
     # The same slot and refill batch sizes (so the same compiled programs), but rows entering in another order and
     # refilled at other times: every row lands in other slots beside other rows, and every bit agrees.
+    # Compaction off: it changes the batch a row's last steps run in, which moves log-probs in their last bits
+    # (see test_compaction_moves_live_rows_into_fewer_slots_and_changes_no_token)
     engine = Engine(CFG, max_new_tokens=VARIABLE["max_new_tokens"], slots=5, refill_rows=2,
-                    sampling=SamplingParams(1.0, 1.0, 0, VARIABLE["eos_ids"], 0))
+                    sampling=SamplingParams(1.0, 1.0, 0, VARIABLE["eos_ids"], 0), compact_min_slots=0)
     rows = [p for p in prompts for _ in range(3)]
     in_order = engine.run(params, rows, jax.random.key(1), prompt_width=32)
     scrambled = engine.run(params, rows, jax.random.key(1), prompt_width=32,
@@ -72,6 +74,29 @@ def test_rows_do_not_depend_on_the_device_count(params, prompts, all_at_once, sh
     out = generate(CFG, params, prompts, jax.random.key(1), max_concurrent_rows=5, mesh=shd.make_mesh(shape),
                    **VARIABLE)
     _same(out, all_at_once, logprob_atol=2e-5)
+
+
+def test_compaction_moves_live_rows_into_fewer_slots_and_changes_no_token(params, prompts):
+    # 35 rows in 35 slots, lengths 1..40: once no row waits, live rows move into 17, 8, then 4 slots
+    rows = [p for p in prompts for _ in range(5)]
+    sampling = SamplingParams(1.0, 1.0, 0, VARIABLE["eos_ids"], 0)
+    runs = {}
+    for floor in (0, 4):
+        engine = Engine(CFG, max_new_tokens=40, slots=35, sampling=sampling, compact_min_slots=floor)
+        runs[floor] = engine.run(params, rows, jax.random.key(1), prompt_width=32,
+                                 order=np.random.default_rng(2).permutation(len(rows)))
+    assert engine.slot_counts == [35, 17, 8, 4]
+    assert Engine(CFG, max_new_tokens=40, slots=35, sampling=sampling, compact_min_slots=0).slot_counts == [35]
+    assert Engine(CFG, max_new_tokens=40, slots=35, sampling=sampling,
+                  mesh=shd.make_mesh((2, 2, 2))).slot_counts == [36, 20, 12, 8, 4]  # multiples of data x fsdp
+    off, on = runs[0], runs[4]
+    assert len(set(off[2].tolist())) > 10  # lengths spread, so slots empty one by one
+    for x, y, name in zip(off[:4], on[:4], FIELDS):
+        if name == "logprobs":
+            np.testing.assert_allclose(x, y, atol=2e-5, rtol=0)  # fewer rows per step: another float order
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=name)
+    assert on[4] > off[4] + 0.1  # slot utilisation: ended rows stop costing decode steps
 
 
 def test_more_rows_than_slots_finish_in_a_scrambled_order_and_keep_the_contract(params, prompts, all_at_once):
