@@ -180,7 +180,7 @@ def _gather_slots(x, keep, *, axes, mesh):
 
 
 def _take_slots(x, keep, *, axes, mesh):
-    out = _gather_slots(x, keep, axes=axes, mesh=mesh)
+    out = jax.block_until_ready(_gather_slots(x, keep, axes=axes, mesh=mesh))
     x.delete()  # freed before the next array is gathered (donation cannot alias a smaller output)
     return out
 
