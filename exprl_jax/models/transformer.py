@@ -69,11 +69,9 @@ class Attention(nn.Module):
         dt = cfg.jnp_dtype
         B, T = x.shape[:2]
         x_MD = x.reshape(B * T, D)  # 2-D projections: XLA:CPU's weight gradients are ~2x slower over (B, T)
-        # plain 2-D matmuls over flattened heads: given 3-D weights, XLA:CPU may pick a layout that transposes
-        # the weight on every call (inside the decode loop: a full copy of o_proj per layer per token)
-        q = (x_MD @ wq.astype(dt).reshape(D, N * H)).reshape(B, T, N, H)
-        k = (x_MD @ wk.astype(dt).reshape(D, K * H)).reshape(B, T, K, H)
-        v = (x_MD @ wv.astype(dt).reshape(D, K * H)).reshape(B, T, K, H)
+        q = jnp.einsum("MD,DNH->MNH", x_MD, wq.astype(dt)).reshape(B, T, N, H)
+        k = jnp.einsum("MD,DKH->MKH", x_MD, wk.astype(dt)).reshape(B, T, K, H)
+        v = jnp.einsum("MD,DKH->MKH", x_MD, wv.astype(dt)).reshape(B, T, K, H)
         if cfg.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", zeros, (N, H), ("q_heads", "head_dim"), cfg).astype(dt)
@@ -101,6 +99,8 @@ class Attention(nn.Module):
 
     def _output(self, out_MNH, wo, B, T):
         cfg = self.cfg
+        # a plain 2-D matmul over flattened heads: with the 3-D weight, XLA:CPU chose a layout that transposed
+        # o_proj on every call (inside the decode loop: a full copy of it per layer per generated token)
         M, N, H = out_MNH.shape
         out = (out_MNH.reshape(M, N * H) @ wo.astype(cfg.jnp_dtype).reshape(N * H, cfg.d_model)).reshape(
             B, T, cfg.d_model)
