@@ -7,10 +7,10 @@ its own length (decode attention covers only the filled part of the cache), unti
 refill them. Once no row waits, `compact` moves the live rows into half as many slots whenever they fit, so rows
 that have ended stop costing decode steps (the tail of a batch whose lengths spread 2k-16k, or 1-256 on the CPU
 benchmark, where it gave 1.7x the new tokens/s of the same engine without it, side by side). Finished rows go
-straight into row-indexed outputs, so results never depend on the schedule: row i's tokens are a function of (params, prompt i, rng, i) only (the noise of token t of
-row i is drawn from fold_in(fold_in(rng, i), t)); its log-probs too, bit for bit, as long as its steps run in
-batches of the same size (XLA:CPU may order a row's sums differently in a smaller batch: a last-bit change, which
-compaction and `max_concurrent_rows` can cause).
+straight into row-indexed outputs, so results never depend on the schedule: row i's tokens are a function of
+(params, prompt i, rng, i) only (the noise of token t of row i is drawn from fold_in(fold_in(rng, i), t)); its log-
+probs too, bit for bit, as long as its steps run in batches of the same size (XLA:CPU may order a row's sums
+differently in a smaller batch: a last-bit change, which compaction and `max_concurrent_rows` can cause).
 """
 from __future__ import annotations
 
