@@ -13,12 +13,16 @@ Arms (experiments/configs/default.py is the ExpRL-Outcome arm; the others change
 Seed-major and resumable: re-running the command continues where it stopped; the report is rewritten after every
 finished run (marked "not yet" until all have finished); `--report_only` rewrites it from the finished runs. The
 minimum detectable effects are computed from the base's evaluation and printed before any arm.
+`--archive=DIR` keeps what the report reads of every finished run (summary, Stage-I/II metrics, configs, wall time)
+in DIR, laid out like the workdir: a run found there is not run again, so a replication longer than one machine's
+life continues on another from a committed archive, and `--report_only --workdir=DIR` rebuilds the report from it.
 """
 import dataclasses
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -49,6 +53,37 @@ _QUICK = flags.DEFINE_bool("quick", False, "A few steps per stage (CI-sized).")
 _RESULTS = flags.DEFINE_string("results", "", "Where to write the Markdown report (default <workdir>/RESULTS.md).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rewrite the report from the runs finished in --workdir; "
                                  "train nothing.")
+_ARCHIVE = flags.DEFINE_string("archive", "", "Keep what the report reads of every finished run here (e.g. "
+                               "results/replication, committed); runs found here are not run again.")
+# what the report reads of a finished run, and what says how it was made; checkpoints and caches stay behind
+ARCHIVED_FILES = ("summary.json", "summary.md", "stage1/metrics.jsonl", "stage1/config.json", "stage1/results.json",
+                  "stage2/metrics.jsonl", "stage2/config.json", "stage2/results.json")
+
+
+def archive_run(workdir: str, archived: str) -> None:
+    """Copies a finished run's ARCHIVED_FILES from `workdir` to `archived`, summary.json last (it marks the run done)."""
+    for name in sorted(ARCHIVED_FILES, key=lambda n: n == "summary.json"):
+        src = os.path.join(workdir, name)
+        if os.path.exists(src):
+            os.makedirs(os.path.dirname(os.path.join(archived, name)), exist_ok=True)
+            shutil.copyfile(src, os.path.join(archived, name) + ".tmp")
+            os.replace(os.path.join(archived, name) + ".tmp", os.path.join(archived, name))
+
+
+def _load_walls(*paths) -> dict:
+    walls = {}
+    for path in paths:
+        if path and os.path.exists(path):
+            with open(path) as f:
+                walls.update(json.load(f))
+    return walls
+
+
+def _save_walls(walls: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(walls, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def _quick(overrides: dict) -> dict:
@@ -165,7 +200,8 @@ def main(argv):
     print(mde_text, flush=True)  # before any arm runs
     pool_rung, final_n = f"k{first.testbed.stage1_steps[-1]}", first.eval.final_num_samples
     wall_path = os.path.join(_WORKDIR.value, "wall_seconds.json")
-    walls = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
+    archive_walls = os.path.join(_ARCHIVE.value, "wall_seconds.json") if _ARCHIVE.value else ""
+    walls = _load_walls(archive_walls, wall_path)
     results: dict = {arm: {} for arm in _ARMS.value}
     planned = len(seeds) * len(_ARMS.value)
 
@@ -180,16 +216,22 @@ def main(argv):
             cfg = arm_config(arm, seed, _QUICK.value)
             workdir = os.path.join(_WORKDIR.value, arm, f"seed{seed}")
             summary_path = os.path.join(workdir, "summary.json")
-            if _REPORT_ONLY.value and not os.path.exists(summary_path):
+            archived = os.path.join(_ARCHIVE.value, arm, f"seed{seed}") if _ARCHIVE.value else ""
+            if not os.path.exists(summary_path) and archived and os.path.exists(os.path.join(archived, "summary.json")):
+                workdir, summary_path = archived, os.path.join(archived, "summary.json")  # finished elsewhere
+                print(f"== {arm} seed {seed}: archived in {archived}", flush=True)
+            elif _REPORT_ONLY.value and not os.path.exists(summary_path):
                 continue
-            if not _REPORT_ONLY.value:
+            elif not _REPORT_ONLY.value:
                 print(f"== {arm} seed {seed}: {workdir}", flush=True)
                 done_before, t0 = os.path.exists(summary_path), time.time()
                 run_pipeline(cfg, workdir)
                 if not done_before:
                     walls[f"{arm}/seed{seed}"] = time.time() - t0
-                    with open(wall_path, "w") as f:
-                        json.dump(walls, f, indent=1)
+                    _save_walls(walls, wall_path)
+            if archived and workdir != archived:
+                archive_run(workdir, archived)
+                _save_walls(walls, archive_walls)
             with open(summary_path) as f:
                 results[arm][seed] = {"summary": json.load(f), "workdir": workdir, "config": dataclasses.asdict(cfg)}
             if not _REPORT_ONLY.value:

@@ -29,9 +29,10 @@ def test_quick_replication_runs_every_arm(tmp_path):
     report = tmp_path / "RESULTS.md"
     rr = _module("replication_report")
     report.write_text(f"# x\n{rr.PRE_START}\nThe rule.\n{rr.PRE_END}\n{rr.HAND_WRITTEN}\nReading.\n")
+    archive = tmp_path / "archive"
     proc = subprocess.run([sys.executable, "experiments/replicate.py", f"--workdir={tmp_path}", "--seeds=0",
-                           "--quick", f"--results={report}", f"--arms={FAST_ARMS}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1800)
+                           "--quick", f"--results={report}", f"--arms={FAST_ARMS}", f"--archive={archive}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = report.read_text()
     assert text.index("Minimum detectable effects") < text.index("## After Stage I")
@@ -44,6 +45,20 @@ def test_quick_replication_runs_every_arm(tmp_path):
         assert (tmp_path / "results" / f"pass_at_k_{stage}.png").stat().st_size > 1000
     n = len(FAST_ARMS.split(","))
     assert "not yet" not in text  # every planned run finished: the verdict is final
+    # the archive alone (a fresh machine with an empty workdir) continues the replication: nothing runs again and
+    # the report is the same
+    for arm in FAST_ARMS.split(","):
+        assert (archive / arm / "seed0" / "summary.json").exists() and (archive / arm / "seed0" / "stage2").exists()
+        assert not (archive / arm / "seed0" / "stage2" / "checkpoints").exists()  # only what the report reads
+    fresh, again = tmp_path / "fresh", tmp_path / "AGAIN.md"
+    again.write_text(report.read_text())
+    proc = subprocess.run([sys.executable, "experiments/replicate.py", f"--workdir={fresh}", "--seeds=0", "--quick",
+                           f"--results={again}", f"--arms={FAST_ARMS}", f"--archive={archive}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("archived in") == n and not any((fresh / arm).exists() for arm in FAST_ARMS.split(","))
+    body = lambda t: t[t.index("## The verdict"):]  # noqa: E731  (the command line names the other workdir)
+    assert body(again.read_text()) == body(text)
     # a second seed is planned but not run: --report_only rewrites the report from the finished runs, marked
     proc = subprocess.run([sys.executable, "experiments/replicate.py", f"--workdir={tmp_path}", "--seeds=0,1",
                            "--quick", f"--results={report}", f"--arms={FAST_ARMS}", "--report_only"], cwd=ROOT,
