@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 
@@ -56,7 +57,7 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rewrite the report from 
 _ARCHIVE = flags.DEFINE_string("archive", "", "Keep what the report reads of every finished run here (e.g. "
                                "results/replication, committed); runs found here are not run again.")
 # what the report reads of a finished run, and what says how it was made; checkpoints and caches stay behind
-ARCHIVED_FILES = ("summary.json", "summary.md", "stage1/metrics.jsonl", "stage1/config.json", "stage1/results.json",
+ARCHIVED_FILES = ("code.json", "summary.json", "summary.md", "stage1/metrics.jsonl", "stage1/config.json", "stage1/results.json",
                   "stage2/metrics.jsonl", "stage2/config.json", "stage2/results.json")
 
 
@@ -68,6 +69,39 @@ def archive_run(workdir: str, archived: str) -> None:
             os.makedirs(os.path.dirname(os.path.join(archived, name)), exist_ok=True)
             shutil.copyfile(src, os.path.join(archived, name) + ".tmp")
             os.replace(os.path.join(archived, name) + ".tmp", os.path.join(archived, name))
+
+
+def code_version() -> str:
+    """The commit this code is at, "+local changes" when tracked files differ from it ("unknown" outside git)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, timeout=30)
+    try:
+        head, status = git("rev-parse", "--short=10", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + (" +local changes" if status.stdout.strip() else "")
+
+
+def record_code(workdir: str, version: str) -> None:
+    """Appends `version` to <workdir>/code.json's list unless it is already the last one (a run resumed with other
+    code lists both)."""
+    path = os.path.join(workdir, "code.json")
+    versions = run_code(workdir)
+    if versions[-1:] != [version]:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"code": [v for v in versions if v != "unknown"] + [version]}, f)
+        os.replace(path + ".tmp", path)
+
+
+def run_code(workdir: str) -> list[str]:
+    path = os.path.join(workdir, "code.json")
+    if not os.path.exists(path):
+        return ["unknown"]
+    with open(path) as f:
+        return json.load(f)["code"]
 
 
 def _load_walls(*paths) -> dict:
@@ -147,6 +181,15 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def _code_counts(results: dict) -> str:
+    counts: dict = {}
+    for per_seed in results.values():
+        for run in per_seed.values():
+            key = " then ".join(run.get("code", ["unknown"]))
+            counts[key] = counts.get(key, 0) + 1
+    return "; ".join(f"{key} ({n} run{'s' * (n != 1)})" for key, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def write_report(results: dict, path: str, command: str, wall_s: float, seeds, mde_text: str, pool_rung: str,
                  final_n: int, planned: int = 0) -> str:
     """`planned`: the number of (arm, seed) runs of the whole replication; while fewer have finished, the verdict
@@ -162,7 +205,7 @@ def write_report(results: dict, path: str, command: str, wall_s: float, seeds, m
         "(no pre-registered section was found in this file before the run)")
     lines = ["# RESULTS: the ExpRL comparison in miniature (CPU testbed)", "", f"Command: `{command}`  ",
              f"Wall time: {wall_s / 60:.1f} min (sum over the arm runs); machine: {_machine()}; seeds: "
-             f"{', '.join(map(str, seeds))}.", "", pre, "", "## Before any arm ran", "", mde_text, "",
+             f"{', '.join(map(str, seeds))}.  ", f"Code the runs were made with: {_code_counts(results)}.", "", pre, "", "## Before any arm ran", "", mde_text, "",
              "## The verdict the pre-registered rule gives", "", headline, ""]
     lines += [f"- {r}" for r in reasons]
     lines += ["", "## After Stage I (mean ± std over seeds; M = held-out late-step accuracy)", ""]
@@ -195,6 +238,7 @@ def main(argv):
     os.makedirs(_WORKDIR.value, exist_ok=True)
     report = _RESULTS.value or os.path.join(_WORKDIR.value, "RESULTS.md")
     command = " ".join(["python", "experiments/replicate.py"] + sys.argv[1:])
+    version = code_version()
     first = arm_config("base", seeds[0], _QUICK.value)
     mde_text = format_mde(minimum_detectable_effects(first, seeds))
     print(mde_text, flush=True)  # before any arm runs
@@ -225,6 +269,8 @@ def main(argv):
             elif not _REPORT_ONLY.value:
                 print(f"== {arm} seed {seed}: {workdir}", flush=True)
                 done_before, t0 = os.path.exists(summary_path), time.time()
+                if not done_before:
+                    record_code(workdir, version)
                 run_pipeline(cfg, workdir)
                 if not done_before:
                     walls[f"{arm}/seed{seed}"] = time.time() - t0
@@ -233,7 +279,8 @@ def main(argv):
                 archive_run(workdir, archived)
                 _save_walls(walls, archive_walls)
             with open(summary_path) as f:
-                results[arm][seed] = {"summary": json.load(f), "workdir": workdir, "config": dataclasses.asdict(cfg)}
+                results[arm][seed] = {"summary": json.load(f), "workdir": workdir, "config": dataclasses.asdict(cfg),
+                                      "code": run_code(workdir)}
             if not _REPORT_ONLY.value:
                 report_now(seed)  # after every run: a long replication can be read while it runs
         if not _REPORT_ONLY.value:

@@ -1,5 +1,6 @@
 """The miniature of the paper, CI-sized: every arm through Stage I and Stage II on the shipped testbed base, one
 seed, a few steps each, and the RESULTS report (pre-registered section kept, verdict applied) written from them."""
+import functools
 import importlib.util
 import os
 import subprocess
@@ -21,6 +22,11 @@ def _module(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def _replicate():
+    return _module("replicate")  # once per process: it defines absl flags
 
 
 @pytest.mark.slow
@@ -50,6 +56,8 @@ def test_quick_replication_runs_every_arm(tmp_path):
     for arm in FAST_ARMS.split(","):
         assert (archive / arm / "seed0" / "summary.json").exists() and (archive / arm / "seed0" / "stage2").exists()
         assert not (archive / arm / "seed0" / "stage2" / "checkpoints").exists()  # only what the report reads
+        assert (archive / arm / "seed0" / "code.json").exists()
+    assert f"Code the runs were made with: {_replicate().code_version()} ({n} runs)." in text
     fresh, again = tmp_path / "fresh", tmp_path / "AGAIN.md"
     again.write_text(report.read_text())
     proc = subprocess.run([sys.executable, "experiments/replicate.py", f"--workdir={fresh}", "--seeds=0", "--quick",
@@ -112,7 +120,7 @@ def test_late_reach_and_the_verdict_rule(tmp_path):
 def test_arm_configs_follow_spec_and_the_default_is_the_outcome_arm():
     import dataclasses
 
-    replicate = _module("replicate")
+    replicate = _replicate()
     if not replicate.flags.FLAGS.is_parsed():
         replicate.flags.FLAGS(["replicate"])
     from exprl_jax.config import load_config
@@ -130,3 +138,21 @@ def test_arm_configs_follow_spec_and_the_default_is_the_outcome_arm():
     assert replicate.arm_config("noisy_judge", 0).judge.noise == replicate.JUDGE_NOISE
     base = replicate.arm_config("base", 2)
     assert base.train.steps == 0 and dataclasses.replace(base, train=default.train, seed=0, name="default") == default
+
+
+def test_code_provenance_is_recorded_per_run_and_counted_in_the_report(tmp_path):
+    rep = _replicate()
+    version = rep.code_version()
+    assert version == "unknown" or len(version.split()[0]) == 10
+    run = tmp_path / "exprl_outcome" / "seed0"
+    assert rep.run_code(str(run)) == ["unknown"]
+    rep.record_code(str(run), "aaaaaaaaaa")
+    rep.record_code(str(run), "aaaaaaaaaa")  # resumed with the same code: listed once
+    rep.record_code(str(run), "bbbbbbbbbb +local changes")
+    assert rep.run_code(str(run)) == ["aaaaaaaaaa", "bbbbbbbbbb +local changes"]
+    rep.archive_run(str(run), str(tmp_path / "archive"))
+    assert rep.run_code(str(tmp_path / "archive")) == rep.run_code(str(run))
+    results = {"base": {0: {"code": ["aaaaaaaaaa"]}, 1: {"code": ["aaaaaaaaaa"]}},
+               "exprl_outcome": {0: {"code": rep.run_code(str(run))}, 1: {}}}  # seed 1: made before code.json
+    assert rep._code_counts(results) == ("aaaaaaaaaa (2 runs); aaaaaaaaaa then bbbbbbbbbb +local changes (1 run); "
+                                      "unknown (1 run)")
