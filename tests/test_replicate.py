@@ -3,6 +3,7 @@ seed, a few steps each, and the RESULTS report (pre-registered section kept, ver
 import functools
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,6 +61,7 @@ def test_quick_replication_runs_every_arm(tmp_path):
     assert f"Code the runs were made with: {_replicate().code_version()} ({n} runs)." in text
     fresh, again = tmp_path / "fresh", tmp_path / "AGAIN.md"
     again.write_text(report.read_text())
+    shutil.copytree(tmp_path / "cache", fresh / "cache")  # the base's evaluation (for the MDE): not re-sampled
     proc = subprocess.run([sys.executable, "experiments/replicate.py", f"--workdir={fresh}", "--seeds=0", "--quick",
                            f"--results={again}", f"--arms={FAST_ARMS}", f"--archive={archive}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
