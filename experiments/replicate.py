@@ -57,18 +57,19 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rewrite the report from 
 _ARCHIVE = flags.DEFINE_string("archive", "", "Keep what the report reads of every finished run here (e.g. "
                                "results/replication, committed); runs found here are not run again.")
 # what the report reads of a finished run, and what says how it was made; checkpoints and caches stay behind
-ARCHIVED_FILES = ("code.json", "summary.json", "summary.md", "stage1/metrics.jsonl", "stage1/config.json", "stage1/results.json",
-                  "stage2/metrics.jsonl", "stage2/config.json", "stage2/results.json")
+ARCHIVED_FILES = ("code.json", "summary.json", "summary.md", "stage1/metrics.jsonl", "stage1/config.json",
+                  "stage1/results.json", "stage2/metrics.jsonl", "stage2/config.json", "stage2/results.json")
 
 
 def archive_run(workdir: str, archived: str) -> None:
-    """Copies a finished run's ARCHIVED_FILES from `workdir` to `archived`, summary.json last (it marks the run done)."""
+    """Copies a finished run's ARCHIVED_FILES from `workdir` to `archived`, summary.json last (it marks the run
+    done)."""
     for name in sorted(ARCHIVED_FILES, key=lambda n: n == "summary.json"):
-        src = os.path.join(workdir, name)
+        src, dst = os.path.join(workdir, name), os.path.join(archived, name)
         if os.path.exists(src):
-            os.makedirs(os.path.dirname(os.path.join(archived, name)), exist_ok=True)
-            shutil.copyfile(src, os.path.join(archived, name) + ".tmp")
-            os.replace(os.path.join(archived, name) + ".tmp", os.path.join(archived, name))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(src, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
 
 
 def code_version() -> str:
@@ -205,7 +206,8 @@ def write_report(results: dict, path: str, command: str, wall_s: float, seeds, m
         "(no pre-registered section was found in this file before the run)")
     lines = ["# RESULTS: the ExpRL comparison in miniature (CPU testbed)", "", f"Command: `{command}`  ",
              f"Wall time: {wall_s / 60:.1f} min (sum over the arm runs); machine: {_machine()}; seeds: "
-             f"{', '.join(map(str, seeds))}.  ", f"Code the runs were made with: {_code_counts(results)}.", "", pre, "", "## Before any arm ran", "", mde_text, "",
+             f"{', '.join(map(str, seeds))}.  ", f"Code the runs were made with: {_code_counts(results)}.", "", pre,
+             "", "## Before any arm ran", "", mde_text, "",
              "## The verdict the pre-registered rule gives", "", headline, ""]
     lines += [f"- {r}" for r in reasons]
     lines += ["", "## After Stage I (mean ± std over seeds; M = held-out late-step accuracy)", ""]
@@ -261,7 +263,8 @@ def main(argv):
             workdir = os.path.join(_WORKDIR.value, arm, f"seed{seed}")
             summary_path = os.path.join(workdir, "summary.json")
             archived = os.path.join(_ARCHIVE.value, arm, f"seed{seed}") if _ARCHIVE.value else ""
-            if not os.path.exists(summary_path) and archived and os.path.exists(os.path.join(archived, "summary.json")):
+            in_archive = bool(archived) and os.path.exists(os.path.join(archived, "summary.json"))
+            if not os.path.exists(summary_path) and in_archive:
                 workdir, summary_path = archived, os.path.join(archived, "summary.json")  # finished elsewhere
                 print(f"== {arm} seed {seed}: archived in {archived}", flush=True)
             elif _REPORT_ONLY.value and not os.path.exists(summary_path):
