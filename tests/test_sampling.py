@@ -3,6 +3,7 @@ greedy / top-k / top-p agree where they must, EOS bookkeeping, sharding-independ
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from exprl_jax import sharding as shd
 from exprl_jax.models import ModelConfig, forward, forward_with_cache, init_boxed, init_cache
 from exprl_jax.models import token_logprobs
 from exprl_jax.models.transformer import positions_from_mask
-from exprl_jax.rollout.tokens import filter_logits as _filter_logits, sample_token
+from exprl_jax.rollout.tokens import categorical, filter_logits as _filter_logits, sample_token
 from exprl_jax.sampling import generate, pad_prompts
 from conftest import random_params
 
@@ -251,6 +252,38 @@ def test_sample_token_reports_unfiltered_logprob():
     np.testing.assert_allclose(logp, np.where(token == 1, math.log(0.5), math.log(0.3)), atol=1e-6)
     assert 0.5 < np.mean(token == 1) < 0.75  # 0.5 / 0.8 = 0.625 of the draws
 
+
+
+def test_categorical_is_bitwise_jax_random_categorical():
+    # the sampler's Gumbel-max with a two-pass argmax draws exactly jax.random.categorical's tokens, including
+    # rows with ties (first index wins), filtered (-inf) entries and one finite entry
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 37)).astype(np.float32) * 3
+    logits[1] = 0.0  # every entry tied before the noise
+    logits[2, :30] = -np.inf  # filtered
+    logits[3, :] = -np.inf
+    logits[3, 5] = 1.0  # only id 5 is possible
+    keys = jax.random.split(jax.random.key(7), logits.shape[0])
+    ours = np.asarray(jax.jit(categorical)(keys, jnp.asarray(logits)))
+    reference = np.asarray(jax.vmap(jax.random.categorical)(keys, jnp.asarray(logits)))
+    np.testing.assert_array_equal(ours, reference)
+    assert ours[3] == 5 and (ours[2] >= 30)
+
+
+@pytest.mark.parametrize("key, count, expected", [  # Random123's known-answer vectors for Threefry-2x32-20
+    ((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+    ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+])
+def test_unrolled_threefry_matches_known_answers(key, count, expected):
+    from exprl_jax.rollout.threefry_cpu import threefry2x32_unrolled, unroll_threefry_on_cpu
+
+    u32 = lambda v: jnp.full((3,), v, jnp.uint32)  # noqa: E731
+    direct = jax.jit(threefry2x32_unrolled)(*(u32(v) for v in (*key, *count)))
+    unroll_threefry_on_cpu()  # and JAX's own primitive, now lowered by it on CPU
+    lowered = jax.jit(jax.extend.random.threefry_2x32)(jnp.array(key, jnp.uint32), jnp.array(count, jnp.uint32))
+    assert [int(x[0]) for x in direct] == list(expected)
+    assert np.asarray(lowered).tolist() == list(expected)
 
 # ---------------------------------------------------------------- argument checks
 @pytest.mark.parametrize(
