@@ -117,8 +117,11 @@ def _blockwise(q_S1NH, cache: SlotCache, lengths_S, block_kv: int):
     def block(j, state):
         m, l, acc = state
         start = jnp.minimum(j * bk, L - bk)  # the last block is clamped to end at L; `fresh` drops its overlap
-        k_blk = jax.lax.dynamic_slice_in_dim(cache.k, start, bk, 2).astype(dt)  # [S, K, bk, H]
-        v_blk = jax.lax.dynamic_slice_in_dim(cache.v, start, bk, 2).astype(dt)
+        if nk == 1:  # the block is the whole cache: read it in place (a dynamic slice of it is a copy per step)
+            k_blk, v_blk = cache.k.astype(dt), cache.v.astype(dt)
+        else:
+            k_blk = jax.lax.dynamic_slice_in_dim(cache.k, start, bk, 2).astype(dt)  # [S, K, bk, H]
+            v_blk = jax.lax.dynamic_slice_in_dim(cache.v, start, bk, 2).astype(dt)
         pos = start + jnp.arange(bk)
         mask = (pos[None, :] < lengths_S[:, None]) & (pos >= j * bk)[None, :]  # [S, bk]
         s = jnp.einsum("SKGH,SKTH->SKGT", q, k_blk, preferred_element_type=jnp.float32) * H ** -0.5
@@ -130,9 +133,12 @@ def _blockwise(q_S1NH, cache: SlotCache, lengths_S, block_kv: int):
         return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
     stats = jnp.full((S, K, N // K), _NEG_INF, jnp.float32)
-    hi = jnp.clip(-(-lengths_S.max() // bk), 0, nk)  # blocks past the longest row are never visited
-    m, l, acc = jax.lax.fori_loop(0, hi, block, (stats, jnp.zeros_like(stats), jnp.zeros((S, K, N // K, H),
-                                                                                          jnp.float32)))
+    state = (stats, jnp.zeros_like(stats), jnp.zeros((S, K, N // K, H), jnp.float32))
+    if nk == 1:  # one block, no loop: the same arithmetic (a block of masked keys changes no running sum)
+        m, l, acc = block(0, state)
+    else:
+        hi = jnp.clip(-(-lengths_S.max() // bk), 0, nk)  # blocks past the longest row are never visited
+        m, l, acc = jax.lax.fori_loop(0, hi, block, state)
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]
     return out.astype(dt).reshape(S, 1, N, H)
 
