@@ -230,8 +230,9 @@ def worker_env(threads: int) -> dict:
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     if threads > 0:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), EXPRL_BENCH_THREADS=str(threads))
+        # XLA:CPU has no thread-count flag: one thread = its Eigen pool off (no XLA_FLAGS entry without "--": XLA
+        # stops parsing there and silently ignores every flag after it)
         flags.append(f"--xla_cpu_multi_thread_eigen={'false' if threads == 1 else 'true'}")
-        flags.append(f"intra_op_parallelism_threads={threads}")
     env["XLA_FLAGS"] = " ".join(flags)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
     return env
