@@ -145,10 +145,13 @@ def test_decode_attention_matches_a_numpy_reference():
     rng = np.random.default_rng(3)
     K, S, L, H, N = 2, 5, 40, 8, 6
     k, v = rng.normal(size=(2, S, L, K, H))
-    cache = SlotCache(*(jnp.asarray(x.transpose(0, 2, 1, 3), jnp.float32) for x in (k, v)))  # [S, K, L, H]
+    # blocks of 8 positions: row 0 ends in the first, row 3 one past a block's end, row 4 fills every block
+    cache = SlotCache.from_arrays(*(jnp.asarray(x.transpose(0, 2, 1, 3), jnp.float32) for x in (k, v)), block=8)
     q = jnp.asarray(rng.normal(size=(S, 1, N, H)), jnp.float32)
     lengths = np.array([1, 7, 16, 17, 40])
-    out = np.asarray(decode_attention(q, cache, jnp.asarray(lengths), block_kv=8))
+    out = np.asarray(decode_attention(q, cache, jnp.asarray(lengths)))
+    short = np.asarray(decode_attention(q, cache, jnp.asarray(np.minimum(lengths, 9))))  # skips blocks 2..4
+    np.testing.assert_array_equal(short[:2], out[:2])  # rows that end before: bitwise, whatever else is read
     qn = np.asarray(q, np.float64)
     for s in range(S):
         for n in range(N):
@@ -162,7 +165,7 @@ def test_engine_state_shards_slots_over_the_batch_axes():
     mesh = shd.make_mesh((2, 2, 2))
     state = init_state(config=CFG, slots=8, cache_len=128, rows=3, max_new_tokens=4, pad_id=0, mesh=mesh)
     assert isinstance(state, EngineState)
-    assert state.caches[0].k.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")
+    assert state.caches[0].k[0].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")
     paged = init_state(config=CFG, slots=8, cache_len=128, rows=3, max_new_tokens=4, pad_id=0, mesh=mesh,
                        attention="paged")
     assert paged.caches[0].kv.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
@@ -184,8 +187,8 @@ def test_the_tpu_paged_kernel_path_agrees_with_the_jnp_decode_attention():
     assert np.array_equal(np.asarray(cache.kv[:, :, 3]), np.asarray(v[:, :, 1]))
     q = jnp.asarray(rng.normal(size=(S, 1, N, H)), jnp.float32)
     lengths = jnp.asarray([1, 130, 256, 7])
-    want = np.asarray(decode_attention(q, SlotCache(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), lengths,
-                                       block_kv=64))
+    want = np.asarray(decode_attention(q, SlotCache.from_arrays(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                                                 block=64), lengths))
     got = np.asarray(_paged(q, cache, lengths, kernel=ref_ragged_paged_attention))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
@@ -196,12 +199,14 @@ def test_both_cache_layouts_hold_the_same_keys_and_values_after_put_and_write():
     k_RPKH, v_RPKH = (jnp.asarray(x, jnp.float32) for x in rng.normal(size=(2, 2, P, K, H)))
     k_S1KH, v_S1KH = (jnp.asarray(x, jnp.float32) for x in rng.normal(size=(2, S, 1, K, H)))
     slots, positions = jnp.asarray([2, S]), jnp.asarray([5, 9, 15])  # row 1 goes to slot S: dropped
-    split = SlotCache.zeros(K, S, L, H, jnp.float32).put(slots, k_RPKH, v_RPKH).write(k_S1KH, v_S1KH, positions)
+    split = SlotCache.zeros(K, S, L, H, jnp.float32, block=4).put(slots, k_RPKH, v_RPKH).write(k_S1KH, v_S1KH,
+                                                                                            positions)
+    split_k, split_v = (np.concatenate([np.asarray(b) for b in blocks], axis=2) for blocks in split)
     paged = PagedSlotCache.zeros(K, S, L, H, jnp.float32).put(slots, k_RPKH, v_RPKH).write(k_S1KH, v_S1KH,
                                                                                            positions)
-    assert np.array_equal(np.asarray(paged.kv[:, :, 0::2]), np.asarray(split.k).transpose(0, 2, 1, 3))
-    assert np.array_equal(np.asarray(paged.kv[:, :, 1::2]), np.asarray(split.v).transpose(0, 2, 1, 3))
+    assert np.array_equal(np.asarray(paged.kv[:, :, 0::2]), split_k.transpose(0, 2, 1, 3))
+    assert np.array_equal(np.asarray(paged.kv[:, :, 1::2]), split_v.transpose(0, 2, 1, 3))
     want_k = np.zeros((S, L, K, H), np.float32)  # position-major here, compared head-major below
     want_k[2, :P] = k_RPKH[0]
     want_k[np.arange(S), np.asarray(positions)] = np.asarray(k_S1KH[:, 0])
-    assert np.array_equal(np.asarray(split.k), want_k.transpose(0, 2, 1, 3))
+    assert np.array_equal(split_k, want_k.transpose(0, 2, 1, 3))

@@ -46,9 +46,10 @@ class ModelConfig:
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS; "auto": splash on TPU, cudnn on GPU, CPU by shape
     attention_block_q: int = 512  # query / key tile of "chunked" and "splash" (splash rounds up to 128)
     attention_block_kv: int = 512
-    # key block of the rollout engine's jnp decode attention: a step visits blocks up to the longest live row
-    # (on the 4.2M bench model, XLA:CPU, 16 to 512 made no difference; on GPUs larger blocks mean fewer launches)
-    decode_block_kv: int = 512
+    # positions per block of the rollout engine's jnp decode cache (one array per block): a decode step reads the
+    # blocks up to its longest live row. Rounded up to 16, raised so a slot has at most 8 blocks (each is a
+    # branch of the compiled step). On the 4.2M bench model (XLA:CPU) 16 beat one whole-cache block
+    decode_block_kv: int = 16
     decode_attention_impl: str = "auto"  # rollout engine decode: "auto" (paged kernel on TPU), "jnp", "paged"
 
     def __post_init__(self):

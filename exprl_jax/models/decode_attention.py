@@ -5,8 +5,9 @@ A slot holds its sequence from position 0 (the prompt left-aligned, then the gen
 position is its RoPE position and the valid keys of a row are exactly [0, length). Two layouts, one per attention
 implementation, both slot-major (one token's write is contiguous, so it stays in place inside the decode loop):
 
-- `SlotCache` (the "jnp" blockwise attention, any backend): keys and values in two head-major arrays [S, K, L, H]:
-  each (slot, kv head) is a contiguous [L, H] matrix, used by the attention einsums without a transpose.
+- `SlotCache` (the "jnp" blockwise attention, any backend): keys and values in head-major blocks [S, K, B, H] of
+  B positions each: each (slot, kv head) is a contiguous [B, H] matrix, used by the attention einsums without a
+  transpose, and a step reads only the blocks up to its longest row.
 - `PagedSlotCache` (the Pallas TPU ragged paged-attention kernel): one array [S, L, 2K, H] with each kv head's key
   and value interleaved on the third axis; as pages of `PAGE_SIZE` positions this is the kernel's layout, whose
   block table is then just arange. Read by plain einsums, that layout costs strided copies and transposes every
@@ -14,6 +15,7 @@ implementation, both slot-major (one token's write is contiguous, so it stays in
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -26,27 +28,54 @@ DECODE_IMPLS = ("auto", "jnp", "paged")
 
 
 class SlotCache(NamedTuple):
-    k: jax.Array  # [S, K, L, H]: slots, kv heads, positions, head dim
-    v: jax.Array  # [S, K, L, H]
-    # head-major: each (slot, kv head) is a contiguous [L, H] matrix, which the attention einsums use as is
+    k: tuple[jax.Array, ...]  # blocks of [S, K, B, H]: block j holds positions [jB, (j+1)B) of every slot
+    v: tuple[jax.Array, ...]
+    # head-major: each (slot, kv head) of a block is a contiguous [B, H] matrix, which the attention einsums use as
+    # is; one array per block, so a step reads the blocks its longest row reached, in place (a slice of one
+    # [S, K, L, H] array would be a copy per step)
     AXES = ("activation_batch", "activation_kv_heads", "cache_length", None)
 
     @classmethod
-    def zeros(cls, num_kv_heads: int, slots: int, length: int, head_dim: int, dtype) -> "SlotCache":
-        shape = (slots, num_kv_heads, length, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    def zeros(cls, num_kv_heads: int, slots: int, length: int, head_dim: int, dtype, block: int) -> "SlotCache":
+        if length % block:
+            raise ValueError(f"SlotCache: cache length {length} is not a multiple of the block {block}")
+        shape = (slots, num_kv_heads, block, head_dim)
+        return cls(*(tuple(jnp.zeros(shape, dtype) for _ in range(length // block)) for _ in range(2)))
+
+    @classmethod
+    def from_arrays(cls, k_SKLH, v_SKLH, block: int) -> "SlotCache":
+        """The blocks of whole [S, K, L, H] key and value arrays."""
+        return cls(*(tuple(x[:, :, j:j + block] for j in range(0, x.shape[2], block)) for x in (k_SKLH, v_SKLH)))
+
+    @property
+    def block(self) -> int:
+        return self.k[0].shape[2]
 
     def write(self, k_S1KH, v_S1KH, positions_S) -> "SlotCache":
         """Each slot's new key / value at its own position (one token per slot)."""
         slots = jnp.arange(k_S1KH.shape[0])
-        return SlotCache(*(x.at[slots, :, positions_S].set(new[:, 0].astype(x.dtype), mode="drop")
-                           for x, new in ((self.k, k_S1KH), (self.v, v_S1KH))))
+        B = self.block
+
+        def put_token(blocks, new):
+            out = []
+            for j, x in enumerate(blocks):
+                at = positions_S - j * B
+                at = jnp.where((at >= 0) & (at < B), at, B)  # B: not in this block, dropped
+                out.append(x.at[slots, :, at].set(new[:, 0].astype(x.dtype), mode="drop"))
+            return tuple(out)
+
+        return SlotCache(put_token(self.k, k_S1KH), put_token(self.v, v_S1KH))
 
     def put(self, slots_R, k_RPKH, v_RPKH) -> "SlotCache":
         """Prefilled rows' [R, P, K, H] keys / values at positions [0, P) of `slots_R` (an index >= S: dropped)."""
-        P = k_RPKH.shape[1]
-        return SlotCache(*(x.at[slots_R, :, :P].set(new.transpose(0, 2, 1, 3).astype(x.dtype), mode="drop")
-                           for x, new in ((self.k, k_RPKH), (self.v, v_RPKH))))
+        P, B = k_RPKH.shape[1], self.block
+
+        def put_prompt(blocks, new):
+            new = new.transpose(0, 2, 1, 3)  # [R, K, P, H]
+            return tuple(x if j * B >= P else x.at[slots_R, :, :min(P - j * B, B)].set(
+                new[:, :, j * B:(j + 1) * B].astype(x.dtype), mode="drop") for j, x in enumerate(blocks))
+
+        return SlotCache(put_prompt(self.k, k_RPKH), put_prompt(self.v, v_RPKH))
 
 
 class PagedSlotCache(NamedTuple):
@@ -54,7 +83,8 @@ class PagedSlotCache(NamedTuple):
     AXES = ("activation_batch", "cache_length", "activation_kv_heads", None)
 
     @classmethod
-    def zeros(cls, num_kv_heads: int, slots: int, length: int, head_dim: int, dtype) -> "PagedSlotCache":
+    def zeros(cls, num_kv_heads: int, slots: int, length: int, head_dim: int, dtype,
+              block: int = PAGE_SIZE) -> "PagedSlotCache":  # `block`: the kernel's pages are fixed (PAGE_SIZE)
         return cls(jnp.zeros((slots, length, 2 * num_kv_heads, head_dim), dtype))
 
     @staticmethod
@@ -88,57 +118,63 @@ def cache_type(impl: str):
     return PagedSlotCache if impl == "paged" else SlotCache
 
 
-def cache_length(impl: str, positions: int) -> int:
-    """Positions per slot: whole pages for the TPU kernel, a multiple of 16 otherwise."""
-    multiple = PAGE_SIZE if impl == "paged" else 16
-    return -(-positions // multiple) * multiple
+MAX_CACHE_BLOCKS = 8  # the jnp layout's blocks per slot: each is one static branch of every decode step
 
 
-def decode_attention(q_S1NH, cache: SlotCache | PagedSlotCache, lengths_S, *, block_kv: int = 512):
+def cache_block(length: int, block_kv: int) -> int:
+    """Positions per block of a jnp-layout cache of `length` positions: the smallest multiple of 16 that divides
+    `length`, is at least `block_kv` and leaves at most MAX_CACHE_BLOCKS blocks (`length` itself if none does)."""
+    low = max(block_kv, -(-length // MAX_CACHE_BLOCKS))
+    for block in range(-(-low // 16) * 16, length, 16):
+        if length % block == 0:
+            return block
+    return length
+
+
+def cache_length(impl: str, positions: int, block_kv: int = 16) -> int:
+    """Positions per slot: whole pages for the TPU kernel; otherwise whole blocks of a multiple of 16 positions,
+    at least `block_kv` and at most MAX_CACHE_BLOCKS of them."""
+    if impl == "paged":
+        return -(-positions // PAGE_SIZE) * PAGE_SIZE
+    block = -(-max(block_kv, -(-positions // MAX_CACHE_BLOCKS)) // 16) * 16
+    return -(-positions // block) * block
+
+
+def decode_attention(q_S1NH, cache: SlotCache | PagedSlotCache, lengths_S):
     """One query per slot over its keys [0, lengths[s]) -> [S, 1, N, H]. Query head n uses kv head n // (N // K).
 
-    The implementation follows the cache's layout. `SlotCache`: blocks of `block_kv` positions in plain jnp, up to
-    the longest row's length (a fixed block grid, so a row's result does not depend on the other rows: a block of
-    masked keys changes no running sum). `PagedSlotCache`: the Pallas TPU ragged paged-attention kernel, whose cost
-    follows each row's own length."""
+    The implementation follows the cache's layout. `SlotCache`: an online softmax over its blocks in plain jnp,
+    skipping the blocks past the longest row's length (a fixed block grid, so a row's result does not depend on
+    the other rows: a block of masked keys changes no running sum). `PagedSlotCache`: the Pallas TPU ragged
+    paged-attention kernel, whose cost follows each row's own length."""
     if isinstance(cache, PagedSlotCache):
         return _paged(q_S1NH, cache, lengths_S)
-    return _blockwise(q_S1NH, cache, lengths_S, block_kv)
+    return _blockwise(q_S1NH, cache, lengths_S)
 
 
-def _blockwise(q_S1NH, cache: SlotCache, lengths_S, block_kv: int):
+def _blockwise(q_S1NH, cache: SlotCache, lengths_S):
     S, _, N, H = q_S1NH.shape
-    K, L = cache.k.shape[1], cache.k.shape[2]
-    bk = min(block_kv, L)
-    nk = -(-L // bk)
+    K, B = cache.k[0].shape[1], cache.block
     dt = q_S1NH.dtype
     q = q_S1NH[:, 0].reshape(S, K, N // K, H)  # [S, K, G, H]
 
-    def block(j, state):
+    def block(j: int, state):
         m, l, acc = state
-        start = jnp.minimum(j * bk, L - bk)  # the last block is clamped to end at L; `fresh` drops its overlap
-        if nk == 1:  # the block is the whole cache: read it in place (a dynamic slice of it is a copy per step)
-            k_blk, v_blk = cache.k.astype(dt), cache.v.astype(dt)
-        else:
-            k_blk = jax.lax.dynamic_slice_in_dim(cache.k, start, bk, 2).astype(dt)  # [S, K, bk, H]
-            v_blk = jax.lax.dynamic_slice_in_dim(cache.v, start, bk, 2).astype(dt)
-        pos = start + jnp.arange(bk)
-        mask = (pos[None, :] < lengths_S[:, None]) & (pos >= j * bk)[None, :]  # [S, bk]
-        s = jnp.einsum("SKGH,SKTH->SKGT", q, k_blk, preferred_element_type=jnp.float32) * H ** -0.5
+        mask = (j * B + jnp.arange(B))[None, :] < lengths_S[:, None]  # [S, B]
+        s = jnp.einsum("SKGH,SKTH->SKGT", q, cache.k[j].astype(dt), preferred_element_type=jnp.float32) * H ** -0.5
         s = jnp.where(mask[:, None, None, :], s, _NEG_INF)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(jnp.where(mask[:, None, None, :], s - m_new[..., None], -jnp.inf))
         alpha = jnp.exp(m - m_new)
-        pv = jnp.einsum("SKGT,SKTH->SKGH", p.astype(dt), v_blk, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("SKGT,SKTH->SKGH", p.astype(dt), cache.v[j].astype(dt), preferred_element_type=jnp.float32)
         return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
     stats = jnp.full((S, K, N // K), _NEG_INF, jnp.float32)
-    state = (stats, jnp.zeros_like(stats), jnp.zeros((S, K, N // K, H), jnp.float32))
-    if nk == 1:  # one block, no loop: the same arithmetic (a block of masked keys changes no running sum)
-        m, l, acc = block(0, state)
-    else:
-        hi = jnp.clip(-(-lengths_S.max() // bk), 0, nk)  # blocks past the longest row are never visited
-        m, l, acc = jax.lax.fori_loop(0, hi, block, state)
+    state = block(0, (stats, jnp.zeros_like(stats), jnp.zeros((S, K, N // K, H), jnp.float32)))
+    longest = lengths_S.max()
+    for j in range(1, len(cache.k)):  # blocks past the longest row are skipped, not read
+        state = jax.lax.cond(j * B < longest, functools.partial(block, j), lambda st: st, state)
+    m, l, acc = state
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]
     return out.astype(dt).reshape(S, 1, N, H)
 

@@ -86,7 +86,7 @@ class Attention(nn.Module):
 
         if isinstance(cache, (SlotCache, PagedSlotCache)):  # rollout engine: one token per slot at its own position
             cache = cache.write(k, v, positions[:, 0])
-            out = decode_attention(q, cache, positions[:, 0] + 1, block_kv=cfg.decode_block_kv)
+            out = decode_attention(q, cache, positions[:, 0] + 1)
             return self._output(out.reshape(B * T, N, H), wo, B, T), cache
         if cache is not None:  # write this chunk at [cache_index, cache_index + T), attend over the whole cache
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)

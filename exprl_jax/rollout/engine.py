@@ -33,7 +33,7 @@ COMPACT_MIN_SLOTS = 4  # the fewest slots compaction moves live rows into (0 in 
 
 
 class EngineState(NamedTuple):
-    caches: tuple  # per layer SlotCache (k, v [S, K, L, H]) or PagedSlotCache (kv [S, L, 2K, H])
+    caches: tuple  # per layer SlotCache (k, v: blocks [S, K, B, H]) or PagedSlotCache (kv [S, L, 2K, H])
     row: jax.Array  # [S] int32: the row in each slot, -1 if free
     step: jax.Array  # [S] int32: response index of `token`
     length: jax.Array  # [S] int32: tokens written into the slot's cache
@@ -50,7 +50,7 @@ class EngineState(NamedTuple):
 def _constrain_state(state: EngineState) -> EngineState:
     rows = ("activation_batch",)
     return state._replace(
-        caches=tuple(type(c)(*(shd.constrain(x, c.AXES) for x in c)) for c in state.caches),
+        caches=tuple(jax.tree.map(lambda x, axes=c.AXES: shd.constrain(x, axes), c) for c in state.caches),
         **{f: shd.constrain(getattr(state, f), rows) for f in ("row", "step", "length", "token", "logprob")})
 
 
@@ -61,7 +61,8 @@ def init_state(*, config: ModelConfig, slots: int, cache_len: int, rows: int, ma
     """`attention`: the resolved decode attention ("jnp" or "paged"), which fixes the cache layout."""
     with shd.use_mesh(mesh):
         layout = da.cache_type(attention)
-        caches = tuple(layout.zeros(config.num_kv_heads, slots, cache_len, config.head_dim, config.jnp_dtype)
+        block = da.cache_block(cache_len, config.decode_block_kv)  # the block cache_length rounded to
+        caches = tuple(layout.zeros(config.num_kv_heads, slots, cache_len, config.head_dim, config.jnp_dtype, block)
                        for _ in range(config.num_layers))
         zeros = jnp.zeros((slots,), jnp.int32)
         rows_axis = ("activation_batch", None)  # outputs by row, split like the slots (rows is padded to match)
@@ -190,7 +191,8 @@ def compact(state: EngineState, slots: int, mesh) -> EngineState:
     positions, and the row-indexed outputs are untouched, so no row's result depends on where it sits. One cache
     array at a time, each freed once gathered: at most one array's smaller copy exists beside the full cache."""
     keep = _compaction_order(state.row, slots=slots, mesh=mesh)
-    caches = tuple(type(c)(*(_take_slots(x, keep, axes=c.AXES, mesh=mesh) for x in c)) for c in state.caches)
+    caches = tuple(jax.tree.map(lambda x, axes=c.AXES: _take_slots(x, keep, axes=axes, mesh=mesh), c)
+                   for c in state.caches)
     return state._replace(caches=caches, **{f: _take_slots(getattr(state, f), keep, axes=("activation_batch",),
                                                            mesh=mesh)
                                             for f in ("row", "step", "length", "token", "logprob")})
@@ -222,7 +224,7 @@ class Engine:
 
     def cache_len(self, prompt_width: int) -> int:
         """Cache positions per slot: the prompt area + the response (whole pages of the TPU kernel)."""
-        return da.cache_length(self.attention, prompt_width + self.max_new_tokens)
+        return da.cache_length(self.attention, prompt_width + self.max_new_tokens, self.config.decode_block_kv)
 
     def run(self, params, prompts: Sequence[Sequence[int]], rng, *, prompt_width: int,
             order: Sequence[int] | None = None) -> tuple:
