@@ -161,6 +161,18 @@ def test_decode_attention_matches_a_numpy_reference():
             np.testing.assert_allclose(out[s, 0, n], (p / p.sum()) @ v[s, :lengths[s], head], atol=1e-5)
 
 
+
+@pytest.mark.parametrize("positions", [1, 16, 17, 144, 257, 1152, 4097, 18432])
+@pytest.mark.parametrize("block_kv", [16, 100])
+def test_cache_length_splits_into_at_most_max_blocks(positions, block_kv):
+    from exprl_jax.models.decode_attention import MAX_CACHE_BLOCKS, cache_block, cache_length
+
+    length = cache_length("jnp", positions, block_kv)
+    block = cache_block(length, block_kv)
+    assert positions <= length < positions + block  # whole blocks, less than one of them unused
+    assert length % block == 0 and block % 16 == 0 and block >= min(block_kv, length)
+    assert length // block <= MAX_CACHE_BLOCKS
+
 def test_engine_state_shards_slots_over_the_batch_axes():
     mesh = shd.make_mesh((2, 2, 2))
     state = init_state(config=CFG, slots=8, cache_len=128, rows=3, max_new_tokens=4, pad_id=0, mesh=mesh)
