@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -225,7 +226,8 @@ class CpuWatch:
 
 def worker_env(threads: int) -> dict:
     """The workers run on the machine's real devices: emulated-device flags (the test suite's) are dropped.
-    threads > 0 caps both stacks' intra-op threads (torch / OpenMP, XLA's CPU Eigen pool; 1 turns it off)."""
+    threads > 0 caps both stacks' intra-op threads (torch / OpenMP, XLA's CPU Eigen pool; 1 turns it off); the
+    cores themselves are capped by `worker_cpus`."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     if threads > 0:
@@ -238,20 +240,44 @@ def worker_env(threads: int) -> dict:
     return env
 
 
+def worker_cpus(threads: int) -> list[int] | None:
+    """The CPUs a worker is pinned to: the first `threads` this process may use (None: all). Thread caps alone do
+    not hold XLA:CPU to one core: with its Eigen pool off it still runs YNNPACK's dots and independent ops on a pool
+    of one thread per core (1.4 cores on average in a decode loop of the 2-core VM); pinning holds both stacks to
+    the same cores, and each worker's CPU time / wall time is recorded to show it."""
+    return sorted(os.sched_getaffinity(0))[:threads] if threads > 0 else None
+
+
 def run_side(side: str, model_dir: str, spec: dict, workdir: str, timeout: float, threads: int = 0) -> dict:
     stack, task = side.split(":")
     out = os.path.join(workdir, f"{side.replace(':', '_')}_{time.time_ns()}.json")
     log = out[:-5] + ".log"
     cmd = [sys.executable, os.path.join(HERE, f"compare_{stack}.py"), "--task", task, "--model-dir", model_dir,
            "--spec", json.dumps(spec), "--out", out]
+    cpus = worker_cpus(threads)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env(threads), timeout=timeout)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env(threads), timeout=timeout,
+                              preexec_fn=pin)
+    wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0 or not os.path.exists(out):
         with open(log) as f:
             tail = f.read()[-4000:]
         raise RuntimeError(f"{side} failed (exit {proc.returncode}); last output:\n{tail}")
     with open(out) as f:
-        return json.load(f)
+        result = json.load(f)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["process"] = {"cpus": cpus or "all", "cpu_s": cpu, "wall_s": wall, "cores_used": cpu / wall}
+    return result
+
+
+def cores_used(runs: dict[str, list[dict]], labels: dict[str, str]) -> str:
+    """One line: each side's median cores used (its worker processes' CPU time / wall time, start-up included)."""
+    used = {labels[s]: float(np.median([r["process"]["cores_used"] for r in rs])) for s, rs in runs.items()
+            if rs and "process" in rs[0]}
+    return "cores used (CPU time / wall time of each worker process): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in used.items())
 
 
 def speed(side: str, result: dict, workload: str) -> list[float]:
@@ -333,8 +359,9 @@ def main(argv=None):
     parser.add_argument("--out", default="compare.json")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     parser.add_argument("--threads", type=int, default=0,
-                        help="intra-op threads of both stacks (0: each stack's default, all cores). On a shared, "
-                             "busy machine 1 is steadier: a starved second OpenMP thread stalls torch")
+                        help="cores and intra-op threads of both stacks: each worker is pinned to the first N CPUs "
+                             "(0: each stack's default, all cores). On a shared, busy machine 1 is steadier: a "
+                             "starved second OpenMP thread stalls torch")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the device's peak dense fp32 TFLOP/s: adds the train step's MFU to the report")
     args = parser.parse_args(argv)
@@ -359,6 +386,7 @@ def main(argv=None):
     rows = summarise(runs)
     table = format_table(rows, workloads)
     mfu = train_mfu(runs, args.peak_tflops)
+    table += "\n" + cores_used(runs, LABELS)
     if mfu:
         table += "\ntrain step MFU (6 x params FLOPs per token): " + ", ".join(
             f"{k} {v:.1%}" for k, v in mfu.items())

@@ -72,7 +72,9 @@ def main(argv=None):
     parser.add_argument("--presets", default="bench,qwen3_0_6b_shape")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"subset of {','.join(SIDES)}")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads of both stacks (0: defaults)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="cores and intra-op threads of both stacks: each worker is pinned to the first N CPUs "
+                             "(0: each stack's default, all cores)")
     parser.add_argument("--workdir")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", default="rollout.json")
@@ -97,7 +99,7 @@ def main(argv=None):
                     print(f"[{preset} round {round_ + 1}/{args.rounds}] {SIDES[side]}: {time.time() - t:.0f}s",
                           flush=True)
             rows = summarise(runs)
-            tables.append(format_table(preset, spec, rows))
+            tables.append(format_table(preset, spec, rows) + "\n" + compare.cores_used(runs, SIDES))
             report["presets"][preset] = {"spec": spec, "table": rows, "runs": runs}
     report["cpu_during_run"] = watch.report()
     report["table_text"] = "\n\n".join(tables)

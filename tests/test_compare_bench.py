@@ -79,6 +79,11 @@ def test_compare_runs_at_toy_size_and_writes_json(tmp_path):
     assert set(report["train_mfu"]) == {"exprl_jax", "PyTorch eager"}
     assert "loadavg_1m" in report["cpu_during_run"] and "top_other_processes_cpu_s" in report["cpu_during_run"]
     runs = report["runs"]
+    # --threads 1 pins every worker to one CPU: no side used more than one core
+    for side, results in runs.items():
+        assert results[0]["process"]["cpus"] == compare.worker_cpus(1) and len(compare.worker_cpus(1)) == 1
+        assert 0 < results[0]["process"]["cores_used"] <= 1.05, side
+    assert "cores used" in report["table_text"]
     # the same loss on the same weights and batch, step after step (AdamW and clipping agree too)
     ours, torch_ = runs["jax:train"][0], runs["torch:train"][0]
     np.testing.assert_allclose(ours["losses"], torch_["losses"], rtol=1e-5)

@@ -9,6 +9,7 @@ from conftest import random_params
 from exprl_jax import sharding as shd
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.models.decode_attention import PagedSlotCache, SlotCache, decode_attention
+from exprl_jax.rollout import engine as engine_lib
 from exprl_jax.rollout.engine import Engine, EngineState, decode, init_state
 from exprl_jax.rollout.tokens import SamplingParams
 from exprl_jax.sampling import generate, generate_fixed_batch
@@ -139,6 +140,25 @@ def test_decode_memory_does_not_grow_with_the_number_of_rows():
         return compiled.memory_analysis().temp_size_in_bytes
 
     assert temporaries(8) == temporaries(512)
+
+
+def test_the_cpu_decode_program_leaves_ynnpack_out_and_samples_the_same_rows(params, prompts, all_at_once,
+                                                                             monkeypatch):
+    # On CPU the engine compiles decode with CPU_DECODE_COMPILER_OPTIONS (XLA's own dot emitter, not YNNPACK: faster
+    # on the skinny decode matmuls). Check that the option reaches the compiler, and that the default program (the
+    # one other backends get) samples the same rows
+    assert Engine(CFG, max_new_tokens=4, slots=2, sampling=SamplingParams(1.0, 1.0, 0, (), 0)).decode is \
+        engine_lib.decode_cpu
+    assert engine_lib.decode_program("tpu") is decode and engine_lib.decode_program("gpu") is decode
+    state = jax.eval_shape(lambda: init_state(config=CFG, slots=8, cache_len=64, rows=8, max_new_tokens=32,
+                                              pad_id=0, mesh=None))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    texts = {f: f.lower(jax.eval_shape(lambda: params), state, jax.random.key(0), scalar, scalar, scalar, config=CFG,
+                        sampling=SamplingParams(1.0, 1.0, 0, (1,), 0), mesh=None).compile().as_text()
+             for f in (decode, engine_lib.decode_cpu)}
+    assert "__ynn_fusion" in texts[decode] and "__ynn_fusion" not in texts[engine_lib.decode_cpu]
+    monkeypatch.setattr(engine_lib, "decode_cpu", decode)
+    _same(generate(CFG, params, prompts, jax.random.key(1), **VARIABLE), all_at_once, logprob_atol=2e-5)
 
 
 def test_decode_attention_matches_a_numpy_reference():

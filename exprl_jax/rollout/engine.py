@@ -129,9 +129,8 @@ def insert(state: EngineState, prefilled, token_R, logprob_R, rows_R, slots_R, p
             logprob=keep(logprob, s.logprob)))
 
 
-@functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("config", "sampling", "mesh"))
-def decode(params, state: EngineState, rng, waiting, refill_rows, max_steps, compact_at=0, *, config: ModelConfig,
-           sampling: SamplingParams, mesh) -> EngineState:
+def _decode(params, state: EngineState, rng, waiting, refill_rows, max_steps, compact_at=0, *, config: ModelConfig,
+            sampling: SamplingParams, mesh) -> EngineState:
     """Decode steps until every slot is free, or `min(refill_rows, waiting)` slots are free while rows wait, or
     no row waits and at most `compact_at` slots are live (the host then moves them into fewer slots), or
     `max_steps` steps ran. One step feeds each live slot's last token to the model at the slot's own position,
@@ -165,6 +164,21 @@ def decode(params, state: EngineState, rng, waiting, refill_rows, max_steps, com
     with shd.use_mesh(mesh):
         state, _ = jax.lax.while_loop(keep_going, step, (state, jnp.int32(0)))
         return state
+
+
+_DECODE_JIT = dict(donate_argnums=(1,), static_argnames=("config", "sampling", "mesh"))
+decode = jax.jit(_decode, **_DECODE_JIT)
+# XLA:CPU hands dots to YNNPACK by default. On the decode step's skinny matmuls (M = the slots: 32 on the CPU
+# benchmark) XLA's own dot emitter is faster: engine new tokens/s +29% on one core of the 2-core benchmark VM, same
+# tokens, log-probs within 2e-6 (benchmarks/rollout.py). YNNPACK stays for the wide matmuls of prefill and training,
+# where it is ~10% faster. Only the CPU program gets the option: other backends do not read xla_cpu_* flags.
+CPU_DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+decode_cpu = jax.jit(_decode, compiler_options=CPU_DECODE_COMPILER_OPTIONS, **_DECODE_JIT)
+
+
+def decode_program(platform: str):
+    """The jitted decode for a platform ("cpu", "gpu", "tpu")."""
+    return decode_cpu if platform == "cpu" else decode
 
 
 @functools.partial(jax.jit, static_argnames=("slots", "mesh"))
@@ -221,6 +235,7 @@ class Engine:
         self.max_steps_per_call = max_steps_per_call
         platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
         self.attention = da.resolve_impl(config.decode_attention_impl, config.head_dim, platform)
+        self.decode = decode_program(platform)
 
     def cache_len(self, prompt_width: int) -> int:
         """Cache positions per slot: the prompt area + the response (whole pages of the TPU kernel)."""
@@ -250,7 +265,7 @@ class Engine:
             if next_row >= n and len(free) == slots:
                 break
             smaller = [c for c in self.slot_counts if c < slots]
-            state = decode(params, state, rng, jnp.int32(n - next_row), jnp.int32(self.refill_rows),
+            state = self.decode(params, state, rng, jnp.int32(n - next_row), jnp.int32(self.refill_rows),
                            jnp.int32(self.max_steps_per_call), jnp.int32(smaller[0] if smaller else 0),
                            sampling=self.sampling, **statics)
             row = distributed.to_host(state.row)
