@@ -248,6 +248,11 @@ def worker_cpus(threads: int) -> list[int] | None:
     return sorted(os.sched_getaffinity(0))[:threads] if threads > 0 else None
 
 
+_PIN_AND_RUN = ("import os, runpy, sys; os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(',')]); "
+                "sys.argv = sys.argv[2:]; sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0])); "
+                "runpy.run_path(sys.argv[0], run_name='__main__')")  # as `python script.py ...` would run it
+
+
 def run_side(side: str, model_dir: str, spec: dict, workdir: str, timeout: float, threads: int = 0) -> dict:
     stack, task = side.split(":")
     out = os.path.join(workdir, f"{side.replace(':', '_')}_{time.time_ns()}.json")
@@ -255,11 +260,11 @@ def run_side(side: str, model_dir: str, spec: dict, workdir: str, timeout: float
     cmd = [sys.executable, os.path.join(HERE, f"compare_{stack}.py"), "--task", task, "--model-dir", model_dir,
            "--spec", json.dumps(spec), "--out", out]
     cpus = worker_cpus(threads)
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    if cpus:  # the worker pins itself before it imports anything (a preexec_fn would fork this threaded process)
+        cmd = [sys.executable, "-c", _PIN_AND_RUN, ",".join(map(str, cpus))] + cmd[1:]
     before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env(threads), timeout=timeout,
-                              preexec_fn=pin)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env(threads), timeout=timeout)
     wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0 or not os.path.exists(out):
         with open(log) as f:
