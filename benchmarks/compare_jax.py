@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 import compare  # noqa: E402  (benchmarks/compare.py: the inputs both sides share)
 import exprl_jax as ex  # noqa: E402
-from exprl_jax.build import enable_compilation_cache  # noqa: E402
+from exprl_jax.build import enable_compilation_cache, keep_freed_host_memory  # noqa: E402
 
 
 def train(model_dir: str, spec: dict) -> dict:
@@ -137,7 +137,8 @@ def main():
     parser.add_argument("--spec", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    enable_compilation_cache()  # as experiments/run.py does; compilation is excluded from the timings anyway
+    keep_freed_host_memory()  # as experiments/run.py does, before any device use
+    enable_compilation_cache()  # likewise; compilation is excluded from the timings anyway
     result = TASKS[args.task](args.model_dir, json.loads(args.spec))
     result["backend"] = jax.default_backend()
     with open(args.out, "w") as f:

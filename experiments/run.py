@@ -18,7 +18,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from exprl_jax import distributed  # noqa: E402
 from exprl_jax.config import ExperimentConfig, from_dict  # noqa: E402
-from exprl_jax.build import enable_compilation_cache  # noqa: E402
+from exprl_jax.build import enable_compilation_cache, keep_freed_host_memory  # noqa: E402
 from exprl_jax.experiment import Experiment  # noqa: E402
 from exprl_jax.pipeline import run_pipeline  # noqa: E402
 
@@ -33,6 +33,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # keep the console to progress lines (Orbax logs every save at INFO)
+    keep_freed_host_memory()  # before any device use: XLA:CPU's per-step buffers stay mapped (build.py)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any device use
     enable_compilation_cache()
     cfg = from_dict(ExperimentConfig, _CONFIG.value.to_dict())
