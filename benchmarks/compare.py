@@ -241,11 +241,12 @@ def worker_env(threads: int) -> dict:
 
 
 def worker_cpus(threads: int) -> list[int] | None:
-    """The CPUs a worker is pinned to: the first `threads` this process may use (None: all). Thread caps alone do
+    """The CPUs a worker is pinned to: the last `threads` this process may use (the first tends to serve the
+    machine's interrupts), None: all. Thread caps alone do
     not hold XLA:CPU to one core: with its Eigen pool off it still runs YNNPACK's dots and independent ops on a pool
     of one thread per core (1.4 cores on average in a decode loop of the 2-core VM); pinning holds both stacks to
     the same cores, and each worker's CPU time / wall time is recorded to show it."""
-    return sorted(os.sched_getaffinity(0))[:threads] if threads > 0 else None
+    return sorted(os.sched_getaffinity(0))[-threads:] if threads > 0 else None
 
 
 _PIN_AND_RUN = ("import os, runpy, sys; os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(',')]); "
@@ -364,7 +365,7 @@ def main(argv=None):
     parser.add_argument("--out", default="compare.json")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     parser.add_argument("--threads", type=int, default=0,
-                        help="cores and intra-op threads of both stacks: each worker is pinned to the first N CPUs "
+                        help="cores and intra-op threads of both stacks: each worker is pinned to the last N CPUs "
                              "(0: each stack's default, all cores). On a shared, busy machine 1 is steadier: a "
                              "starved second OpenMP thread stalls torch")
     parser.add_argument("--peak-tflops", type=float, default=0.0,

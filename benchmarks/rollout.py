@@ -73,7 +73,7 @@ def main(argv=None):
     parser.add_argument("--sides", default=",".join(SIDES), help=f"subset of {','.join(SIDES)}")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0,
-                        help="cores and intra-op threads of both stacks: each worker is pinned to the first N CPUs "
+                        help="cores and intra-op threads of both stacks: each worker is pinned to the last N CPUs "
                              "(0: each stack's default, all cores)")
     parser.add_argument("--workdir")
     parser.add_argument("--timeout", type=float, default=3600)
