@@ -242,10 +242,10 @@ def worker_env(threads: int) -> dict:
 
 def worker_cpus(threads: int) -> list[int] | None:
     """The CPUs a worker is pinned to: the last `threads` this process may use (the first tends to serve the
-    machine's interrupts), None: all. Thread caps alone do
-    not hold XLA:CPU to one core: with its Eigen pool off it still runs YNNPACK's dots and independent ops on a pool
-    of one thread per core (1.4 cores on average in a decode loop of the 2-core VM); pinning holds both stacks to
-    the same cores, and each worker's CPU time / wall time is recorded to show it."""
+    machine's interrupts); None: all. Thread caps alone do not hold XLA:CPU to one core: with its Eigen pool off it
+    still runs YNNPACK's dots and independent ops on a pool of one thread per core (1.4 cores on average in a
+    decode loop of the 2-core VM). Pinning holds both stacks to the same cores, and each worker's CPU time / wall
+    time is recorded to show it."""
     return sorted(os.sched_getaffinity(0))[-threads:] if threads > 0 else None
 
 
