@@ -11,8 +11,10 @@
   `GRPOTrainer` on the same job (B prompts of P tokens, G samples, exactly R new tokens, beta, AdamW lr).
 
 Every side runs in its own process, the sides of a pair alternate (A B A B ...) for `--rounds` rounds, and the
-table shows medians over all timed repeats with ours / theirs ratios (> 1: ours faster). Meanwhile the CPU time of
-every other process on the machine and the load average are sampled, and everything goes to the JSON file.
+table shows medians over all timed repeats with ours / theirs ratios (> 1: ours faster). `--threads N` pins every
+worker to the same N CPUs; each worker's CPU time / wall time is recorded and printed, so the cores each side used
+are on record. Meanwhile the CPU time of every other process on the machine and the load average are sampled, and
+everything goes to the JSON file.
 Needs `pip install -r requirements-bench.txt` (torch, transformers, trl).
 """
 from __future__ import annotations
