@@ -169,9 +169,10 @@ def _decode(params, state: EngineState, rng, waiting, refill_rows, max_steps, co
 _DECODE_JIT = dict(donate_argnums=(1,), static_argnames=("config", "sampling", "mesh"))
 decode = jax.jit(_decode, **_DECODE_JIT)
 # XLA:CPU hands dots to YNNPACK by default. On the decode step's skinny matmuls (M = the slots: 32 on the CPU
-# benchmark) XLA's own dot emitter is faster: engine new tokens/s +29% on one core of the 2-core benchmark VM, same
-# tokens, log-probs within 2e-6 (benchmarks/rollout.py). YNNPACK stays for the wide matmuls of prefill and training,
-# where it is ~10% faster. Only the CPU program gets the option: other backends do not read xla_cpu_* flags.
+# benchmark) XLA's own dot emitter is faster: engine new tokens/s +29% on one core of the 2-core benchmark VM
+# (alternating processes), same tokens, log-probs within 2e-6. YNNPACK stays for the wide matmuls of prefill and
+# training, where it was ~10% faster in a matmul loop. Only the CPU program gets the option: other backends do not
+# read xla_cpu_* flags.
 CPU_DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 decode_cpu = jax.jit(_decode, compiler_options=CPU_DECODE_COMPILER_OPTIONS, **_DECODE_JIT)
 
@@ -266,8 +267,8 @@ class Engine:
                 break
             smaller = [c for c in self.slot_counts if c < slots]
             state = self.decode(params, state, rng, jnp.int32(n - next_row), jnp.int32(self.refill_rows),
-                           jnp.int32(self.max_steps_per_call), jnp.int32(smaller[0] if smaller else 0),
-                           sampling=self.sampling, **statics)
+                                jnp.int32(self.max_steps_per_call), jnp.int32(smaller[0] if smaller else 0),
+                                sampling=self.sampling, **statics)
             row = distributed.to_host(state.row)
             live = int((row >= 0).sum())
             if next_row >= n and live and smaller and live <= smaller[0]:
