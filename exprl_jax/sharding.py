@@ -111,6 +111,13 @@ def active_mesh() -> Mesh | None:
     return _ACTIVE_MESH.get()
 
 
+def target_platform() -> str:
+    """The platform the program being traced is compiled for: the active mesh's (a TPU topology when compiling
+    ahead of time on a CPU host), else the default backend."""
+    mesh = _ACTIVE_MESH.get()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = _ACTIVE_MESH.get()
     if mesh is None:

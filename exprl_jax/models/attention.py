@@ -45,7 +45,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, q_slots, kv_valid_BS, *, impl: str, block_q: 
         raise ValueError(f"attention impl {impl!r} is not one of {ATTENTION_IMPLS}")
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     if impl == "auto":
-        impl = _auto_impl(_platform(), q_BTNH.dtype, T, S, q_BTNH.shape[-1], q_start)
+        impl = _auto_impl(shd.target_platform(), q_BTNH.dtype, T, S, q_BTNH.shape[-1], q_start)
     if impl in ("splash", "cudnn") and q_start is None:
         impl = "chunked"
     if impl == "xla":
@@ -56,13 +56,6 @@ def attend(q_BTNH, k_BSKH, v_BSKH, q_slots, kv_valid_BS, *, impl: str, block_q: 
         return splash_attention(q_BTNH, k_BSKH, v_BSKH, kv_valid_BS, q_start=q_start, block_q=block_q,
                                 block_kv=block_kv)
     return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_slots, kv_valid_BS, q_start=q_start)
-
-
-def _platform() -> str:
-    """The platform the program is compiled for: the active mesh's (a TPU topology when compiling ahead of time on
-    a CPU host), else the default backend."""
-    mesh = shd.active_mesh()
-    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def _auto_impl(platform: str, dtype, T: int, S: int, H: int, q_start: int | None) -> str:
@@ -226,7 +219,7 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, kv_valid_BS, *, q_start: int, block
         raise ValueError(f"q_start={q_start} + T={T} exceeds the {k_BSKH.shape[1]} key slots")
     k, v, kv_valid = k_BSKH[:, :S], v_BSKH[:, :S], kv_valid_BS[:, :S].astype(jnp.int32)
     mesh = shd.active_mesh()
-    interpret = _platform() == "cpu" if interpret is None else interpret
+    interpret = shd.target_platform() == "cpu" if interpret is None else interpret
     bq = min(_round_up(block_q, _LANES), _round_up(T, _LANES))
     bk = min(_round_up(block_kv, _LANES), _round_up(S, _LANES))
     kernel_args = dict(q_start=q_start, group=N // K, bq=bq, bk=bk, interpret=interpret)
@@ -284,8 +277,9 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_slots, kv_valid_BS, *, q_start: in
     T, H = q_BTNH.shape[1], q_BTNH.shape[-1]
     S = q_start + T
     dt = q_BTNH.dtype
-    if implementation == "cudnn" and _platform() != "gpu":
-        raise ValueError(f"attention_impl='cudnn' needs a GPU; this program is compiled for {_platform()}")
+    platform = shd.target_platform()
+    if implementation == "cudnn" and platform != "gpu":
+        raise ValueError(f"attention_impl='cudnn' needs a GPU; this program is compiled for {platform}")
     if implementation == "cudnn" and jnp.dtype(dt) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"attention_impl='cudnn' needs ModelConfig.dtype bfloat16 or float16, got {jnp.dtype(dt)}; "
                          "use 'chunked' or 'auto' for float32")

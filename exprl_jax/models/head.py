@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from exprl_jax.models.config import ModelConfig
+from exprl_jax.models.matmul import project
 from exprl_jax.sharding import constrain
 
 
@@ -21,8 +22,8 @@ def head_matrix(config: ModelConfig, params) -> jax.Array:
 def logits_of(config: ModelConfig, hidden_BTD, head_DV) -> jax.Array:
     """float32 logits [B, T, V] (2-D matmul: see transformer.Attention)."""
     B, T, D = hidden_BTD.shape
-    logits = jnp.einsum("MD,DV->MV", hidden_BTD.reshape(B * T, D), head_DV.astype(config.jnp_dtype),
-                        preferred_element_type=jnp.float32).reshape(B, T, -1)
+    logits = project(hidden_BTD.reshape(B * T, D), head_DV.astype(config.jnp_dtype),
+                     preferred_element_type=jnp.float32).reshape(B, T, -1)
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 

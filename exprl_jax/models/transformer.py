@@ -18,6 +18,7 @@ from exprl_jax.models.attention import attend
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.models.decode_attention import PagedSlotCache, SlotCache, decode_attention
 from exprl_jax.models.head import head_matrix, logits_of, token_logprobs_entropy
+from exprl_jax.models.matmul import project
 from exprl_jax.sharding import active_mesh, constrain, logical_to_spec
 
 
@@ -76,9 +77,9 @@ class Attention(nn.Module):
         dt = cfg.jnp_dtype
         B, T = x.shape[:2]
         x_MD = x.reshape(B * T, D)  # 2-D projections: XLA:CPU's weight gradients are ~2x slower over (B, T)
-        q = jnp.einsum("MD,DNH->MNH", x_MD, wq.astype(dt)).reshape(B, T, N, H)
-        k = jnp.einsum("MD,DKH->MKH", x_MD, wk.astype(dt)).reshape(B, T, K, H)
-        v = jnp.einsum("MD,DKH->MKH", x_MD, wv.astype(dt)).reshape(B, T, K, H)
+        q = project(x_MD, wq.astype(dt)).reshape(B, T, N, H)
+        k = project(x_MD, wk.astype(dt)).reshape(B, T, K, H)
+        v = project(x_MD, wv.astype(dt)).reshape(B, T, K, H)
         if cfg.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", zeros, (N, H), ("q_heads", "head_dim"), cfg).astype(dt)
@@ -109,7 +110,7 @@ class Attention(nn.Module):
         # a plain 2-D matmul over flattened heads: with the 3-D weight, XLA:CPU chose a layout that transposed
         # o_proj on every call (inside the decode loop: a full copy of it per layer per generated token)
         M, N, H = out_MNH.shape
-        out = (out_MNH.reshape(M, N * H) @ wo.astype(cfg.jnp_dtype).reshape(N * H, cfg.d_model)).reshape(
+        out = project(out_MNH.reshape(M, N * H), wo.astype(cfg.jnp_dtype).reshape(N * H, cfg.d_model)).reshape(
             B, T, cfg.d_model)
         if cfg.o_bias:
             out = out + _param(self, "o_bias", nn.initializers.zeros, (cfg.d_model,), ("embed",),
@@ -130,9 +131,9 @@ class MLP(nn.Module):
         down = _param(self, "down_proj", init, (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), cfg)
         B, T, D = x.shape
         x_MD = x.reshape(B * T, D)  # 2-D matmuls: see Attention
-        h = jax.nn.silu(x_MD @ gate.astype(dt)) * (x_MD @ up.astype(dt))  # SwiGLU
+        h = jax.nn.silu(project(x_MD, gate.astype(dt))) * project(x_MD, up.astype(dt))  # SwiGLU
         h = constrain(h, ("activation_batch", "activation_mlp"))
-        return (h @ down.astype(dt)).reshape(B, T, D)
+        return project(h, down.astype(dt)).reshape(B, T, D)
 
 
 class Block(nn.Module):
