@@ -76,14 +76,20 @@ def _visible(q_slots, kv_valid_BS, key_slots):
 def xla_attention(q_BTNH, k_BSKH, v_BSKH, q_slots, kv_valid_BS):
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G = N // K  # query heads per KV head
     dt = q_BTNH.dtype
-    q = q_BTNH.reshape(B, T, K, N // K, H)  # query heads grouped by the KV head they share
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH.astype(dt), preferred_element_type=jnp.float32)
-    scores = scores * (H ** -0.5)
-    mask = _visible(q_slots, kv_valid_BS, jnp.arange(S))  # [B, T, S]
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    # Head-major operands, a KV head's G query heads stacked as G*T rows: both dots are then plain batched matmuls
+    # over (B, K). Left to the einsum's own layouts, XLA:CPU transposed the scores and the output, and a training
+    # forward + backward (16 x 256 tokens, 4 heads of 64) ran 1.3x slower.
+    q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    k = k_BSKH.astype(dt).transpose(0, 2, 1, 3)  # [B, K, S, H]
+    v = v_BSKH.astype(dt).transpose(0, 2, 1, 3)
+    scores = jnp.einsum("BKQH,BKSH->BKQS", q, k, preferred_element_type=jnp.float32) * (H ** -0.5)  # Q = G*T
+    mask = jnp.tile(_visible(q_slots, kv_valid_BS, jnp.arange(S)), (1, G, 1))  # [B, G*T, S]
+    scores = jnp.where(mask[:, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH.astype(dt)).reshape(B, T, N, H)
+    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v)  # [B, K, G*T, H]
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 # ---------------------------------------------------------------- chunked: flash attention in plain jnp
