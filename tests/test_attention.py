@@ -60,12 +60,14 @@ def _run(impl, q, k, v, slots, valid):
         return attn.chunked_attention(q, k, v, jnp.asarray(slots), valid, block_q=4, block_kv=5)
     if impl == "splash":
         return attn.splash_attention(q, k, v, valid, q_start=start, block_q=128, block_kv=128, interpret=True)
+    if impl == "xla_split":  # the materialised path cut at the causal frontier and split in two halves of queries
+        return attn.xla_attention(q, k, v, jnp.asarray(slots), valid, q_start=start, split_min_rows=2)
     if impl == "cudnn_wrapper":  # the cudnn call's mask / GQA / scale plumbing, run by XLA
         return attn.cudnn_attention(q, k, v, jnp.asarray(slots), valid, q_start=start, implementation="xla")
     return attn.attend(q, k, v, jnp.asarray(slots), valid, impl=impl, q_start=start)
 
 
-IMPLS = ("xla", "chunked", "splash", "cudnn_wrapper")
+IMPLS = ("xla", "xla_split", "chunked", "splash", "cudnn_wrapper")
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -90,7 +92,7 @@ def _grads(fn, q, k, v, slots, valid, rows_only=True):
 
 @pytest.mark.parametrize("layout", ["train", "cache"])
 @pytest.mark.parametrize("N, K", [(8, 2), (8, 8)])
-@pytest.mark.parametrize("impl", ["chunked", "splash"])
+@pytest.mark.parametrize("impl", ["xla_split", "chunked", "splash"])
 def test_gradients_equal_xla(impl, N, K, layout):
     q, k, v, slots, valid = _inputs(N, K, layout, seed=2)
     expected = _grads(attn.xla_attention, q, k, v, slots, valid)
@@ -252,3 +254,18 @@ def test_chunked_forward_backward_temporaries_stay_far_below_the_score_matrix():
     # measured 38 MB (7%): a few fp32 [B, N, 512, 512] tiles (8 MB each) plus T-sized dq/dk/dv accumulators
     assert chunked < scores_bytes / 10, chunked
     assert temp_bytes(attn.xla_attention) >= scores_bytes  # the reference does materialise it
+
+
+def test_xla_with_a_static_first_slot_splits_queries_and_cuts_invisible_keys():
+    q, k, v, slots, valid = _inputs(8, 2, "cache")  # T = 5 queries at slots 9..13 of a 23-slot cache
+
+    def score_shapes(**kwargs):
+        jaxpr = jax.make_jaxpr(lambda q, k, v: attn.xla_attention(q, k, v, jnp.asarray(slots), valid, **kwargs))(
+            q, k, v)
+        return [tuple(e.outvars[0].aval.shape) for e in jaxpr.jaxpr.eqns
+                if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] != H]
+
+    assert score_shapes() == [(3, 2, 4 * 5, 23)]  # [B, K, G*T, S]: every cache slot
+    # halves of 2 and 3 queries over the 11 and 14 slots up to their last query
+    assert score_shapes(q_start=9, split_min_rows=2) == [(3, 2, 4 * 2, 11), (3, 2, 4 * 3, 14)]
+    assert score_shapes(q_start=9) == [(3, 2, 4 * 5, 14)]  # fewer queries than split_min_rows: one block
