@@ -3,10 +3,9 @@
 Plain autodiff of `x @ w` gives the weight gradient as `dot(x, g)` contracting the M (row) dimension of both
 operands. XLA:CPU cannot hand that form to YNNPACK and runs it on its slower Eigen path: on one core, the bench
 train step's MLP weight gradient ([4096, 256]^T x [4096, 1024]) ran at 32 GFLOP/s, and at 51 GFLOP/s with x
-transposed first, the transpose included; the whole train step took 13-18% less time. On CPU, `project`
-differentiates through a custom VJP that transposes x into a materialised [K, M] copy (an optimisation barrier keeps
-XLA from folding the transpose back into the dot) and contracts it in the standard form. The input gradient is
-autodiff's.
+transposed first, the transpose included. On CPU, `project` differentiates through a custom VJP that transposes x
+into a materialised [K, M] copy (an optimisation barrier keeps XLA from folding the transpose back into the dot) and
+contracts it in the standard form. The input gradient is autodiff's.
 
 On TPU and GPU (the platform the program is compiled for, `sharding.target_platform`) `project` is the plain
 matmul, so their programs, and `plan`'s memory figures, do not change.
