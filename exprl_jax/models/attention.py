@@ -27,7 +27,7 @@ _LANES = 128  # splash needs its query and key blocks in multiples of the TPU la
 #   chunked / xla     1.05   1.42   1.08    0.59    0.47     (three other runs: 0.8-1.5 up to 512, 0.4-0.6 above)
 #   decode, S slots   0.82   1.01   0.79    1.09    0.60     (chunked / xla, one query at slot S/2)
 # so chunked from T·S = 1024² on (it also keeps the memory O(T)), xla below. Measured before xla's head-major layout
-# and split queries (1.15-1.3x faster at T = 256), which may move the crossover up: not remeasured.
+# and split queries (1.3x, then another 1.15-1.25x at T = 256), which may move the crossover up: not remeasured.
 _CPU_CHUNKED_MIN_TS = 1024 * 1024
 
 
