@@ -45,9 +45,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles(positions, head_dim: int, theta: float):
-    """(cos, sin) float32 [B, T, 1, H/2] of the rotary embedding at int positions [B, T]: computed once per
-    forward and shared by every layer's q and k (computed inside each rope, XLA:CPU evaluated them 2 x layers times:
-    sincosf was 3% of a decode step's CPU samples, 2% of a train step's)."""
+    """(cos, sin) float32 [B, T, 1, H/2] of the rotary embedding at int positions [B, T]: traced once per forward
+    and shared by every layer's q and k. XLA may still fuse them into each consumer: the compiled CPU train step
+    evaluates them in every q and k rope fusion, forward and backward (sincosf: 2.5% of its CPU samples; an
+    optimisation barrier does not stop it, XLA:CPU removes barriers before fusion)."""
     half = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / head_dim))  # [H/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
