@@ -1,5 +1,6 @@
 """`models.matmul.project`: the same values and gradients as x @ w, a weight gradient in the form XLA:CPU hands to
-YNNPACK, and the plain matmul when compiling for a TPU."""
+YNNPACK, the plain matmul when compiling for a TPU, and small weights with 2 KiB rows padded inside
+`padded_small_weights` (the CPU decode program)."""
 import re
 
 import jax
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from exprl_jax import sharding as shd
-from exprl_jax.models.matmul import project
+from exprl_jax.models import matmul
+from exprl_jax.models.matmul import padded_small_weights, project
 
 
 def _loss(matmul):
@@ -77,3 +79,35 @@ def test_compiled_for_tpu_project_is_the_plain_matmul():
     cpu_text = jax.jit(jax.grad(_loss(project), argnums=1)).lower(x, w).as_text()
     assert "optimization_barrier" in cpu_text
     assert "optimization_barrier" not in tpu_text
+
+
+def _pads_in(fn, *args) -> bool:
+    # a fresh function each time: jit caches traces by function, and the context is read while tracing
+    return "stablehlo.pad" in jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("w_shape", [(24, 512), (24, 2, 256), (24, 1024)])
+def test_inside_padded_small_weights_2k_rows_are_padded_and_the_values_unchanged(w_shape):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 24)).astype(np.float32)
+    w = rng.normal(size=w_shape).astype(np.float32)
+    assert not _pads_in(project, x, w)
+    with padded_small_weights():
+        assert _pads_in(project, x, w)
+        out = jax.jit(lambda x, w: project(x, w))(x, w)
+    assert out.shape == (5,) + w_shape[1:]
+    np.testing.assert_allclose(out, (x.astype(np.float64) @ w.reshape(24, -1)).reshape(out.shape), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_padded_small_weights_leaves_other_rows_large_weights_and_meshes_alone():
+    x = jnp.ones((4, 24))
+    big_rows = matmul.PAD_MAX_WEIGHT_BYTES // 2048 + 1  # 2 KiB rows, one row over the size limit
+    with padded_small_weights():
+        assert not _pads_in(project, x, jnp.ones((24, 500)))  # 2,000-byte rows
+        assert not _pads_in(project, x, jnp.ones((24, 256)))  # 1 KiB rows
+        assert not _pads_in(project, jnp.ones((4, big_rows)), jnp.ones((big_rows, 512)))
+        assert _pads_in(project, jnp.ones((4, big_rows - 1)), jnp.ones((big_rows - 1, 512)))
+        mesh = shd.make_mesh((2, 1, 1), jax.devices()[:2])
+        with shd.use_mesh(mesh):  # a split weight would be resharded to pad it
+            assert not _pads_in(project, x, jnp.ones((24, 512)))

@@ -1,5 +1,7 @@
 """The continuous-batching engine: refills, scheduling invariance, the fixed-batch sampler it replaced, bounded
 memory, and the decode attention it runs on."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,6 +161,28 @@ def test_the_cpu_decode_program_leaves_ynnpack_out_and_samples_the_same_rows(par
     assert "__ynn_fusion" in texts[decode] and "__ynn_fusion" not in texts[engine_lib.decode_cpu]
     monkeypatch.setattr(engine_lib, "decode_cpu", decode)
     _same(generate(CFG, params, prompts, jax.random.key(1), **VARIABLE), all_at_once, logprob_atol=2e-5)
+
+
+def test_the_cpu_decode_program_pads_small_weights_once_outside_the_loop_and_samples_the_same_rows(prompts):
+    # An MLP of 512 (2 KiB weight rows) gets the padded matmuls of models/matmul.py in the CPU decode program: the
+    # pad of each loop-invariant weight is hoisted out of the decode loop, and the rows match the fixed-batch
+    # sampler, which does not pad
+    cfg = CFG.replace(mlp_dim=512)
+    params = random_params(cfg, std=0.3)
+    state = jax.eval_shape(lambda: init_state(config=cfg, slots=8, cache_len=64, rows=8, max_new_tokens=32,
+                                              pad_id=0, mesh=None))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    text = engine_lib.decode_cpu.lower(jax.eval_shape(lambda: params), state, jax.random.key(0), scalar, scalar,
+                                       scalar, config=cfg, sampling=SamplingParams(1.0, 1.0, 0, (1,), 0),
+                                       mesh=None).compile().as_text()
+    assert "f32[64,528]" in text  # gate and up, 512 + 16 columns
+    body = re.search(r"body=(%[\w.-]+)", text).group(1)
+    body_text = text[text.index(f"\n{body} ("):]
+    body_text = body_text[:body_text.index("\n}")]
+    assert "f32[64,528]" in body_text and "pad" not in body_text
+    kwargs = dict(VARIABLE, eos_ids=())
+    old = generate_fixed_batch(cfg, params, prompts, jax.random.key(1), **kwargs).to_numpy()
+    _same(generate(cfg, params, prompts, jax.random.key(1), **kwargs), old, logprob_atol=2e-5)
 
 
 def test_decode_attention_matches_a_numpy_reference():

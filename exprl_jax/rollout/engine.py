@@ -26,6 +26,7 @@ from exprl_jax import sharding as shd
 from exprl_jax.batching import batch_shards, round_up
 from exprl_jax.models.config import ModelConfig
 from exprl_jax.models import decode_attention as da
+from exprl_jax.models.matmul import padded_small_weights
 from exprl_jax.models.transformer import forward_with_cache, init_cache
 from exprl_jax.rollout.tokens import SamplingParams, sample_rows
 
@@ -150,8 +151,9 @@ def _decode(params, state: EngineState, rng, waiting, refill_rows, max_steps, co
         s, i = carry
         live = s.row >= 0
         positions = jnp.where(live, s.length, 0)  # free slots attend to nothing and stretch no loop bound
-        logits, caches = forward_with_cache(config, params, s.token[:, None], positions[:, None], s.caches, 0, None,
-                                            logits_at=0)
+        with padded_small_weights():  # XLA's dot emitter: faster on CPU (models/matmul.py)
+            logits, caches = forward_with_cache(config, params, s.token[:, None], positions[:, None], s.caches, 0,
+                                                None, logits_at=0)
         token, logprob = sample_rows(rng, s.row, s.step + 1, logits, sampling)
         s, still = _record(s, live, token, logprob, s.step + 1, eos)
         s = _constrain_state(s._replace(
