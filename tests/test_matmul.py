@@ -106,6 +106,7 @@ def test_padded_small_weights_leaves_other_rows_large_weights_and_meshes_alone()
     with padded_small_weights():
         assert not _pads_in(project, x, jnp.ones((24, 500)))  # 2,000-byte rows
         assert not _pads_in(project, x, jnp.ones((24, 256)))  # 1 KiB rows
+        assert not _pads_in(project, x.astype(jnp.bfloat16), jnp.ones((24, 1024), jnp.bfloat16))  # measured in f32
         assert not _pads_in(project, jnp.ones((4, big_rows)), jnp.ones((big_rows, 512)))
         assert _pads_in(project, jnp.ones((4, big_rows - 1)), jnp.ones((big_rows - 1, 512)))
         mesh = shd.make_mesh((2, 1, 1), jax.devices()[:2])

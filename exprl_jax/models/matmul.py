@@ -7,7 +7,7 @@ transposed first, the transpose included. On CPU, `project` differentiates throu
 into a materialised [K, M] copy (an optimisation barrier keeps XLA from folding the transpose back into the dot) and
 contracts it in the standard form. The input gradient is autodiff's.
 
-Inside `padded_small_weights()` (the CPU decode program, one device), a weight of at most
+Inside `padded_small_weights()` (the CPU decode program, one device), an f32 weight of at most
 `PAD_MAX_WEIGHT_BYTES` whose rows are a multiple of 2 KiB long is multiplied with `PAD_COLUMNS` zero columns
 appended (the pad of a loop-invariant weight is hoisted out of the decode loop) and the extra outputs dropped. XLA's
 own dot emitter, which the decode program uses, runs such shapes at about half speed (cache-set conflicts of rows
@@ -50,7 +50,7 @@ def padded_small_weights():
 
 
 def _pads(w_K_) -> bool:
-    if not _PAD_SMALL_WEIGHTS.get() or w_K_.ndim < 2:
+    if not _PAD_SMALL_WEIGHTS.get() or w_K_.ndim < 2 or w_K_.dtype != jnp.float32:  # measured in f32 only
         return False
     mesh = active_mesh()
     row_bytes = math.prod(w_K_.shape[1:]) * w_K_.dtype.itemsize
