@@ -14,6 +14,7 @@ from exprl_jax.models.decode_attention import PagedSlotCache, SlotCache, decode_
 from exprl_jax.rollout import engine as engine_lib
 from exprl_jax.rollout.engine import Engine, EngineState, decode, init_state
 from exprl_jax.rollout.tokens import SamplingParams
+from exprl_jax.rollout.weights import untied_head
 from exprl_jax.sampling import generate, generate_fixed_batch
 
 CFG = ModelConfig.tiny()
@@ -180,6 +181,23 @@ def test_the_cpu_decode_program_pads_small_weights_once_outside_the_loop_and_sam
     body_text = text[text.index(f"\n{body} ("):]
     body_text = body_text[:body_text.index("\n}")]
     assert "f32[64,528]" in body_text and "pad" not in body_text
+    kwargs = dict(VARIABLE, eos_ids=())
+    old = generate_fixed_batch(cfg, params, prompts, jax.random.key(1), **kwargs).to_numpy()
+    _same(generate(cfg, params, prompts, jax.random.key(1), **kwargs), old, logprob_atol=2e-5)
+
+
+def test_on_cpu_a_tied_head_is_sampled_from_an_untied_copy_with_the_same_rows(prompts):
+    # XLA:CPU runs x times a transposed embedding far slower than times a [D, V] matrix, so the CPU engine samples
+    # tied models with a materialised copy (rollout/weights.untied_head); rows equal the fixed-batch sampler's
+    cfg = CFG.replace(tie_embeddings=True)
+    params = random_params(cfg, std=0.3)
+    assert "lm_head" not in params
+    assert Engine(cfg, max_new_tokens=4, slots=2, sampling=SamplingParams(1.0, 1.0, 0, (), 0)).untie_head_on_cpu
+    assert not Engine(CFG, max_new_tokens=4, slots=2, sampling=SamplingParams(1.0, 1.0, 0, (), 0)).untie_head_on_cpu
+    untied_cfg, untied = untied_head(cfg, params)
+    assert not untied_cfg.tie_embeddings and untied["lm_head"].shape == (cfg.d_model, cfg.vocab_size)
+    np.testing.assert_array_equal(untied["lm_head"], np.asarray(params["embed"]).T)
+    assert untied_head(CFG, untied) == (CFG, untied)  # untied models pass through
     kwargs = dict(VARIABLE, eos_ids=())
     old = generate_fixed_batch(cfg, params, prompts, jax.random.key(1), **kwargs).to_numpy()
     _same(generate(cfg, params, prompts, jax.random.key(1), **kwargs), old, logprob_atol=2e-5)

@@ -29,6 +29,7 @@ from exprl_jax.models import decode_attention as da
 from exprl_jax.models.matmul import padded_small_weights
 from exprl_jax.models.transformer import forward_with_cache, init_cache
 from exprl_jax.rollout.tokens import SamplingParams, sample_rows
+from exprl_jax.rollout.weights import untied_head
 
 COMPACT_MIN_SLOTS = 4  # the fewest slots compaction moves live rows into (0 in Engine: never compact)
 
@@ -239,6 +240,7 @@ class Engine:
         platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
         self.attention = da.resolve_impl(config.decode_attention_impl, config.head_dim, platform)
         self.decode = decode_program(platform)
+        self.untie_head_on_cpu = platform == "cpu" and config.tie_embeddings  # rollout/weights.untied_head
 
     def cache_len(self, prompt_width: int) -> int:
         """Cache positions per slot: the prompt area + the response (whole pages of the TPU kernel)."""
@@ -254,7 +256,10 @@ class Engine:
         order = list(range(n)) if order is None else [int(i) for i in order]
         if sorted(order) != list(range(n)):
             raise ValueError(f"order must be a permutation of range({n})")
-        statics = dict(config=self.config, mesh=self.mesh)
+        config = self.config
+        if self.untie_head_on_cpu:
+            config, params = untied_head(config, params)
+        statics = dict(config=config, mesh=self.mesh)
         state = init_state(slots=self.slots, cache_len=self.cache_len(prompt_width),
                            rows=round_up(n, batch_shards(self.mesh)), max_new_tokens=self.max_new_tokens,
                            pad_id=self.sampling.pad_id, attention=self.attention, **statics)
@@ -262,8 +267,8 @@ class Engine:
         while True:
             while next_row < n and free:
                 take = min(len(free), self.refill_rows, n - next_row)
-                state = self._refill(params, state, prompts, rng, order[next_row:next_row + take], free[:take],
-                                     prompt_width)
+                state = self._refill(params, config, state, prompts, rng, order[next_row:next_row + take],
+                                     free[:take], prompt_width)
                 next_row, free = next_row + take, free[take:]
             if next_row >= n and len(free) == slots:
                 break
@@ -282,7 +287,7 @@ class Engine:
                                                 state.out_truncated, state.busy_slot_steps, state.slot_steps)]
         return tuple(np.asarray(x)[:n] for x in out[:4]) + (float(out[4]) / max(int(out[5]), 1),)
 
-    def _refill(self, params, state, prompts, rng, rows, slots, width):
+    def _refill(self, params, config, state, prompts, rng, rows, slots, width):
         k = self.refill_rows
         tokens = np.zeros((k, width), np.int32)
         lengths = np.ones((k,), np.int32)
@@ -294,6 +299,6 @@ class Engine:
         args = (tokens, lengths, row_ids)
         if self.mesh is not None:
             args = tuple(jax.device_put(x, shd.batch_sharding(self.mesh, x.ndim)) for x in args)
-        prefilled = prefill(params, *args, rng, config=self.config, sampling=self.sampling, mesh=self.mesh)
+        prefilled = prefill(params, *args, rng, config=config, sampling=self.sampling, mesh=self.mesh)
         return insert(state, prefilled, prefilled[1], prefilled[2], args[2], slot_ids, args[1],
                       sampling=self.sampling, mesh=self.mesh)
