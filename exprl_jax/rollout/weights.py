@@ -29,9 +29,7 @@ def rollout_shardings(rollout_config: ModelConfig, mesh: Mesh):
     return shd.param_shardings(boxed, mesh, rules=ROLLOUT_RULES)
 
 
-@jax.jit
-def _with_head(params):
-    return {**params, "lm_head": params["embed"].T}  # a jit output: materialised in [D, V] layout
+_transposed = jax.jit(lambda x: x.T)  # a program's output is materialised in its own layout
 
 
 def untied_head(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
@@ -42,7 +40,7 @@ def untied_head(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     Costs one extra copy of the embedding while sampling."""
     if not config.tie_embeddings:
         return config, params
-    return config.replace(tie_embeddings=False), _with_head(params)
+    return config.replace(tie_embeddings=False), {**params, "lm_head": _transposed(params["embed"])}
 
 
 def make_rollout_params(config: ModelConfig, rollout_config: ModelConfig, mesh: Mesh | None):
