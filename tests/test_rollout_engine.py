@@ -203,6 +203,36 @@ def test_on_cpu_a_tied_head_is_sampled_from_an_untied_copy_with_the_same_rows(pr
     _same(generate(cfg, params, prompts, jax.random.key(1), **kwargs), old, logprob_atol=2e-5)
 
 
+def test_on_cpu_rows_that_fit_in_the_slots_are_prefilled_by_one_call(params, prompts, monkeypatch):
+    # each prefill call streams every weight once, so the CPU engine prefills all rows at once when they fit in
+    # the slots; with more rows than slots it prefills refill_rows at a time, as on every other platform
+    calls = []
+    real_prefill = engine_lib.prefill
+
+    def counted(params, prompts_RP, *args, **kwargs):
+        calls.append(prompts_RP.shape[0])
+        return real_prefill(params, prompts_RP, *args, **kwargs)
+
+    monkeypatch.setattr(engine_lib, "prefill", counted)
+    sampling = SamplingParams(1.0, 1.0, 0, VARIABLE["eos_ids"], 0)
+    engine = Engine(CFG, max_new_tokens=VARIABLE["max_new_tokens"], slots=8, refill_rows=2, sampling=sampling)
+    assert engine.prefill_all_on_cpu
+    one_call = engine.run(params, prompts, jax.random.key(1), prompt_width=32)
+    assert calls == [len(prompts)]  # 7 rows in 8 slots: one call of 7 rows
+    calls.clear()
+    engine.run(params, prompts + prompts[:2], jax.random.key(1), prompt_width=32)
+    assert calls[0] == 2 and set(calls) == {2} and len(calls) >= 5  # 9 rows in 8 slots: calls of refill_rows
+    calls.clear()
+    engine.prefill_all_on_cpu = False  # what other platforms do
+    chunked = engine.run(params, prompts, jax.random.key(1), prompt_width=32)
+    assert calls == [2, 2, 2, 2]
+    for x, y, name in zip(one_call[:4], chunked[:4], FIELDS):  # another batch size, the same rows
+        if name == "logprobs":
+            np.testing.assert_allclose(x, y, atol=2e-5, rtol=0)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
 def test_decode_attention_matches_a_numpy_reference():
     rng = np.random.default_rng(3)
     K, S, L, H, N = 2, 5, 40, 8, 6

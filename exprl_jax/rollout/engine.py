@@ -241,6 +241,10 @@ class Engine:
         self.attention = da.resolve_impl(config.decode_attention_impl, config.head_dim, platform)
         self.decode = decode_program(platform)
         self.untie_head_on_cpu = platform == "cpu" and config.tie_embeddings  # rollout/weights.untied_head
+        # on CPU, rows that all fit in the slots are prefilled by one call instead of refill_rows at a time: each
+        # call streams every weight once, which dominates a small batch (Qwen3-0.6B, 8 rows of 16 tokens, one
+        # core: four calls of 2 rows took 6.5 s). Elsewhere refill_rows also bounds the prefill memory `plan` checks
+        self.prefill_all_on_cpu = platform == "cpu"
 
     def cache_len(self, prompt_width: int) -> int:
         """Cache positions per slot: the prompt area + the response (whole pages of the TPU kernel)."""
@@ -264,11 +268,15 @@ class Engine:
                            rows=round_up(n, batch_shards(self.mesh)), max_new_tokens=self.max_new_tokens,
                            pad_id=self.sampling.pad_id, attention=self.attention, **statics)
         next_row, free, slots = 0, list(range(self.slots)), self.slots
+        # rows per prefill call: fixed for a given engine and row count, so a row's result never depends on which
+        # call it lands in (results are bitwise independent of `order`)
+        per_call = round_up(n, batch_shards(self.mesh)) if self.prefill_all_on_cpu and n <= self.slots \
+            else self.refill_rows
         while True:
             while next_row < n and free:
-                take = min(len(free), self.refill_rows, n - next_row)
+                take = min(len(free), per_call, n - next_row)
                 state = self._refill(params, config, state, prompts, rng, order[next_row:next_row + take],
-                                     free[:take], prompt_width)
+                                     free[:take], prompt_width, per_call)
                 next_row, free = next_row + take, free[take:]
             if next_row >= n and len(free) == slots:
                 break
@@ -287,8 +295,8 @@ class Engine:
                                                 state.out_truncated, state.busy_slot_steps, state.slot_steps)]
         return tuple(np.asarray(x)[:n] for x in out[:4]) + (float(out[4]) / max(int(out[5]), 1),)
 
-    def _refill(self, params, config, state, prompts, rng, rows, slots, width):
-        k = self.refill_rows
+    def _refill(self, params, config, state, prompts, rng, rows, slots, width, k):
+        """Prefills `rows` (at most `k`, padded to `k`) into cache `slots`."""
         tokens = np.zeros((k, width), np.int32)
         lengths = np.ones((k,), np.int32)
         row_ids = np.zeros((k,), np.int32)
