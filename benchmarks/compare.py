@@ -326,6 +326,27 @@ def train_mfu(runs: dict[str, list[dict]], peak_tflops: float) -> dict[str, floa
     return out
 
 
+RL_PARTS = {"jax:rl": {"sample": "time/sample_s", "reward": "time/reward_s",
+                       "reference": "time/device_while_judging_s", "update": "time/update_s"},
+            "torch:rl": {"generate": "generate", "reward + reference": "reward_and_reference", "update": "update"}}
+
+
+def rl_parts(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Where each side's RL step goes: per part, the median over processes of each process's median seconds."""
+    out = {}
+    for side, keys in RL_PARTS.items():
+        results = [r for r in runs.get(side, []) if "breakdown_median_s" in r]
+        if results:
+            out[LABELS[side]] = {part: float(np.median([r["breakdown_median_s"][key] for r in results]))
+                                 for part, key in keys.items()}
+    return out
+
+
+def format_rl_parts(parts: dict[str, dict[str, float]]) -> str:
+    return "RL step parts (s, medians): " + "; ".join(
+        f"{side} " + ", ".join(f"{part} {sec:.2f}" for part, sec in p.items()) for side, p in parts.items())
+
+
 def format_table(rows: list[dict], workloads: dict) -> str:
     w = workloads
     train_len = w["train"]["prompt_len"] + w["train"]["response_len"]
@@ -395,12 +416,15 @@ def main(argv=None):
     table = format_table(rows, workloads)
     mfu = train_mfu(runs, args.peak_tflops)
     table += "\n" + cores_used(runs, LABELS)
+    parts = rl_parts(runs)
+    if parts:
+        table += "\n" + format_rl_parts(parts)
     if mfu:
         table += "\ntrain step MFU (6 x params FLOPs per token): " + ", ".join(
             f"{k} {v:.1%}" for k, v in mfu.items())
     report = {"preset": preset, "model_dir": model_dir, "workloads": workloads, "rounds": args.rounds,
               "threads": args.threads or "default",
-              "table": rows, "table_text": table, "train_mfu": mfu, "runs": runs, "cpu_during_run": watch.report(),
+              "table": rows, "table_text": table, "train_mfu": mfu, "rl_parts": parts, "runs": runs, "cpu_during_run": watch.report(),
               "machine": machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

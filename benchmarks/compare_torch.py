@@ -128,14 +128,26 @@ def rl(model_dir: str, spec: dict) -> dict:
         return [0.0 if len(c) >= R else 1.0 for c in completion_ids]
 
     class StepTimer(TrainerCallback):
+        """Each step's wall time, and the time spent in the trainer's generation and in its generate-and-score
+        (generation, rewards, reference log-probs): the rest of a step is the update."""
         def __init__(self):
-            self.begin, self.step_s = None, []
+            self.begin, self.step_s, self.parts, self.step_parts = None, [], {}, []
+
+        def timed(self, name, fn):
+            def wrapper(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - t
+            return wrapper
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.begin = time.perf_counter()
+            self.begin, self.parts = time.perf_counter(), {}
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_s.append(time.perf_counter() - self.begin)
+            self.step_parts.append(dict(self.parts))
 
     problems = compare.rl_problems(spec, spec["prompts"] * steps)
     dataset = Dataset.from_dict({"prompt": [p + "\n" for p in problems]})
@@ -154,12 +166,22 @@ def rl(model_dir: str, spec: dict) -> dict:
             dataloader_num_workers=0, seed=0)
         trainer = GRPOTrainer(model=load_model(model_dir), reward_funcs=[reward_unfinished_is_zero], args=args,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+        trainer._generate = timer.timed("generate", trainer._generate)
+        trainer._generate_and_score_completions = timer.timed("generate_and_score",
+                                                              trainer._generate_and_score_completions)
         t = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - t
     if not seen_lengths or min(seen_lengths) != R or max(seen_lengths) != R:
         raise RuntimeError(f"TRL completions were not all exactly {R} tokens: {sorted(set(seen_lengths))[:10]}")
+    timed = list(zip(timer.step_s, timer.step_parts))[spec["warmup"]:]
+    if any("generate" not in parts or "generate_and_score" not in parts for _, parts in timed):
+        raise RuntimeError("TRL steps without a generation: the breakdown would be wrong (steps_per_generation?)")
+    parts = {"generate": [p["generate"] for _, p in timed],
+             "reward_and_reference": [p["generate_and_score"] - p["generate"] for _, p in timed],
+             "update": [step - p["generate_and_score"] for step, p in timed]}
     return {"step_s": timer.step_s[spec["warmup"]:], "compile_and_first_s": timer.step_s[0],
+            "breakdown_median_s": {k: float(np.median(v)) for k, v in parts.items()},
             "process_total_s": total, "completion_tokens": R}
 
 

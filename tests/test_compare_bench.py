@@ -56,6 +56,19 @@ def test_summarise_ratios():
     assert rows["rl"]["ratio"] == 4.0
 
 
+def test_rl_parts_by_hand():
+    # per part: the median over processes of each process's median; a side without a breakdown is left out
+    runs = {"jax:rl": [{"breakdown_median_s": {"time/sample_s": 1.0, "time/reward_s": 0.0,
+                                               "time/device_while_judging_s": 0.5, "time/update_s": 2.0}},
+                       {"breakdown_median_s": {"time/sample_s": 2.0, "time/reward_s": 0.2,
+                                               "time/device_while_judging_s": 1.5, "time/update_s": 3.0}}],
+            "torch:rl": [{"step_s": [9.0]}]}
+    parts = compare.rl_parts(runs)
+    assert parts == {"exprl_jax Experiment": {"sample": 1.5, "reward": 0.1, "reference": 1.0, "update": 2.5}}
+    assert compare.format_rl_parts(parts) == ("RL step parts (s, medians): exprl_jax Experiment sample 1.50, "
+                                              "reward 0.10, reference 1.00, update 2.50")
+
+
 def test_train_mfu_by_hand():
     # 1,000 tokens in a 1 s step, 1e6 parameters: 6e9 FLOP/s over a 1 TFLOP/s peak = 0.6%
     runs = {"jax:train": [{"step_s": [1.0], "tokens": 1000, "params": 10 ** 6}],
@@ -98,6 +111,12 @@ def test_compare_runs_at_toy_size_and_writes_json(tmp_path):
         assert runs["jax:rl"][0]["response_length_mean"] == rl["new_tokens"]
         assert runs["torch:rl"][0]["completion_tokens"] == rl["new_tokens"]
         assert len(runs["torch:rl"][0]["step_s"]) == rl["steps"]
+        # where each RL step goes: TRL's generation, its rewards + reference log-probs, the rest of its step
+        trl = runs["torch:rl"][0]["breakdown_median_s"]
+        assert set(trl) == {"generate", "reward_and_reference", "update"} and all(v > 0 for v in trl.values())
+        assert all(v <= max(runs["torch:rl"][0]["step_s"]) for v in trl.values())
+        assert set(report["rl_parts"]) == {"exprl_jax Experiment", "TRL GRPOTrainer"}
+        assert "RL step parts" in report["table_text"]
 
 
 def test_ignore_eos_samples_exactly_max_new_tokens():
