@@ -243,7 +243,8 @@ class Engine:
         self.untie_head_on_cpu = platform == "cpu" and config.tie_embeddings  # rollout/weights.untied_head
         # on CPU, rows that all fit in the slots are prefilled by one call instead of refill_rows at a time: each
         # call streams every weight once, which dominates a small batch (Qwen3-0.6B, 8 rows of 16 tokens, one
-        # core: four calls of 2 rows took 6.5 s). Elsewhere refill_rows also bounds the prefill memory `plan` checks
+        # core: four calls of 2 rows 5.4-7.0 s, one of 8 rows 2.5-2.7 s). Elsewhere refill_rows also bounds the
+        # prefill memory that `plan` checks
         self.prefill_all_on_cpu = platform == "cpu"
 
     def cache_len(self, prompt_width: int) -> int:
