@@ -424,7 +424,8 @@ def main(argv=None):
             f"{k} {v:.1%}" for k, v in mfu.items())
     report = {"preset": preset, "model_dir": model_dir, "workloads": workloads, "rounds": args.rounds,
               "threads": args.threads or "default",
-              "table": rows, "table_text": table, "train_mfu": mfu, "rl_parts": parts, "runs": runs, "cpu_during_run": watch.report(),
+              "table": rows, "table_text": table, "train_mfu": mfu, "rl_parts": parts, "runs": runs,
+              "cpu_during_run": watch.report(),
               "machine": machine(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
