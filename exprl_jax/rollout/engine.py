@@ -218,7 +218,7 @@ def compact(state: EngineState, slots: int, mesh) -> EngineState:
 
 class Engine:
     """Samples rows through `slots` cache slots; `refill_rows` prompts are prefilled at a time (both rounded up
-    to a multiple of the mesh's batch shards). `compact_min_slots`: the fewest slots compaction moves live rows
+    to a multiple of the mesh's batch shards; on CPU, rows that all fit in the slots are prefilled by one call). `compact_min_slots`: the fewest slots compaction moves live rows
     into (0: never compact, every decode step runs all `slots`)."""
 
     def __init__(self, config: ModelConfig, *, max_new_tokens: int, sampling: SamplingParams, slots: int,
